@@ -1,0 +1,1 @@
+"""Private implementation modules of modeconn; the public names live in ``modeconn/__init__.py``."""

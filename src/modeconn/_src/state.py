@@ -1,0 +1,101 @@
+"""Pure helpers over state dicts: compatibility checks and weighted combinations."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from .errors import IncompatibleModelsError
+
+State = dict[str, Tensor]
+
+
+def check_compatible(states: Sequence[Mapping[str, Tensor]], names: Sequence[str] | None = None) -> None:
+    """Raise :class:`IncompatibleModelsError` naming the first tensor where the states differ.
+
+    Args:
+        states: two or more state dicts that should share one architecture.
+        names: labels for the error message (default ``model 0``, ``model 1``, ...).
+
+    Example:
+        >>> check_compatible([{"w": torch.zeros(2)}, {"w": torch.ones(2)}])
+    """
+    names = list(names) if names is not None else [f"model {i}" for i in range(len(states))]
+    ref = states[0]
+    for other, name in zip(states[1:], names[1:]):
+        missing = [k for k in ref if k not in other]
+        extra = [k for k in other if k not in ref]
+        if missing or extra:
+            k = (missing or extra)[0]
+            where = name if missing else names[0]
+            raise IncompatibleModelsError(
+                f"{where} has no tensor {k!r} ({len(missing)} missing, {len(extra)} extra): "
+                "the models do not share one architecture"
+            )
+        for k, t in ref.items():
+            u = other[k]
+            if t.shape != u.shape:
+                raise IncompatibleModelsError(
+                    f"tensor {k!r} has shape {tuple(t.shape)} in {names[0]} but {tuple(u.shape)} in "
+                    f"{name}: the models do not share one architecture"
+                )
+            if t.dtype != u.dtype:
+                raise IncompatibleModelsError(
+                    f"tensor {k!r} has dtype {t.dtype} in {names[0]} but {u.dtype} in {name}"
+                )
+
+
+def check_finite(state: Mapping[str, Tensor], name: str = "state") -> None:
+    """Raise :class:`IncompatibleModelsError` if a floating tensor holds NaN or inf."""
+    for k, t in state.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise IncompatibleModelsError(f"{name} has NaN or inf in {k!r}; refusing to use it")
+
+
+def combine(states: Sequence[Mapping[str, Tensor]], weights: Sequence[float]) -> State:
+    """``sum_i w_i * state_i`` on floating tensors; other tensors (step counters) come from state 0.
+
+    Args:
+        states: state dicts of one architecture.
+        weights: one coefficient per state (need not sum to 1).
+
+    Returns:
+        A new state dict; dtypes are preserved.
+
+    Example:
+        >>> combine([{"w": torch.ones(2)}, {"w": torch.zeros(2)}], [0.25, 0.75])["w"].tolist()
+        [0.25, 0.25]
+    """
+    if len(states) != len(weights):
+        raise ValueError(f"{len(states)} states but {len(weights)} weights")
+    out: State = {}
+    for k, t in states[0].items():
+        if t.is_floating_point():
+            acc = sum(float(w) * s[k].to(torch.float64) for s, w in zip(states, weights))
+            out[k] = acc.to(t.dtype)  # type: ignore[union-attr]
+        else:
+            out[k] = t.clone()
+    return out
+
+
+def lerp(state_a: Mapping[str, Tensor], state_b: Mapping[str, Tensor], t: float) -> State:
+    """``(1 - t) * a + t * b`` on floating tensors (exact at t = 0 and t = 1).
+
+    Example:
+        >>> lerp({"w": torch.zeros(1)}, {"w": torch.ones(1)}, 0.5)["w"].tolist()
+        [0.5]
+    """
+    out: State = {}
+    for k, a in state_a.items():
+        b = state_b[k]
+        if not a.is_floating_point():
+            out[k] = (a if t < 0.5 else b).clone()
+        elif t == 0:
+            out[k] = a.clone()
+        elif t == 1:
+            out[k] = b.clone()
+        else:
+            out[k] = torch.lerp(a, b.to(a.dtype), float(t))
+    return out

@@ -1,0 +1,1 @@
+"""The ``modeconn`` command line (typer + rich): thin wrappers over the library."""
