@@ -34,12 +34,24 @@ from ._src.spec import (
 from ._src.assign import solve_assignment
 
 # --- foundation: models, data, checkpoints, training -----------------------------------------
+from . import data, models
 
 # --- symmetry: spec inference ----------------------------------------------------------------
 
 # --- alignment ---------------------------------------------------------------------------------
+from ._src.align import align, align_states, aligner_names, merge_many, register_aligner
+from ._src.align import weight_matching, weight_objective
+from ._src.norm import needs_bn_reset, repair, reset_bn, reset_bn_state
 
 # --- paths and curves -----------------------------------------------------------------------
+from ._src.paths import (
+    BezierCurve,
+    LinearPath,
+    PathEvaluation,
+    PolyChain,
+    evaluate_path,
+    load_path,
+)
 
 # --- merging ---------------------------------------------------------------------------------
 

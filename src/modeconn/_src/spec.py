@@ -410,7 +410,7 @@ def apply_permutation(spec: PermutationSpec, perm: Mapping[str, Tensor], state: 
     index = _gather_indices(spec, perm, state)
     out: State = dict(state)
     for (param, axis), idx in index.items():
-        t = state[param]
+        t = out[param]  # chain: a tensor may be permuted on several axes
         out[param] = t.index_select(axis, idx.to(t.device))
     return out
 

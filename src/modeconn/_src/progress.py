@@ -1,0 +1,50 @@
+"""A progress bar that can be switched off: ``with progress_bar(on, total=n) as advance: ...``."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+
+@contextlib.contextmanager
+def progress_bar(
+    enabled: bool, *, total: int, description: str = "working"
+) -> Iterator[Callable[[str | None], None]]:
+    """Yield ``advance(text=None)``: one step forward (and an optional new description).
+
+    With ``enabled=False`` nothing is drawn and ``advance`` does nothing. The bar is drawn on
+    stderr by rich and removed when the block ends.
+
+    Args:
+        enabled: draw the bar.
+        total: number of steps.
+        description: label shown beside the bar.
+
+    Returns:
+        A context manager yielding ``advance``.
+
+    Example:
+        >>> with progress_bar(False, total=3) as advance:
+        ...     for _ in range(3):
+        ...         advance(None)
+    """
+    if not enabled:
+        yield lambda text=None: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    ) as bar:
+        task = bar.add_task(description, total=total)
+
+        def advance(text: str | None = None) -> None:
+            bar.update(task, advance=1, **({"description": f"{description}: {text}"} if text else {}))
+
+        yield advance

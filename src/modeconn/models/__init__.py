@@ -1,0 +1,162 @@
+"""The built-in model zoo: a validated registry of small baselines (``mc.models.create``).
+
+Every model takes ``input_shape`` (one example's shape, without the batch axis) and
+``num_classes`` plus width/depth keywords, is ``torch.fx.symbolic_trace``-able and records how it
+was built in ``model.modeconn_config`` so checkpoints can rebuild it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import inspect
+import re
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._src.errors import ConfigError
+
+ModelFactory = Callable[..., nn.Module]
+
+_REGISTRY: dict[str, ModelFactory] = {}
+_NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+_BUILTINS = ("mlp", "cnn1d", "cnn", "resnet", "transformer")
+
+
+def register(name: str) -> Callable[[ModelFactory], ModelFactory]:
+    """Class/function decorator adding a model factory to the zoo under ``name``.
+
+    Args:
+        name: lowercase identifier (``[a-z][a-z0-9_]*``), not already registered.
+
+    Returns:
+        The decorator; it returns the factory unchanged.
+
+    Example:
+        >>> @register("tiny_linear")  # doctest: +SKIP
+        ... def tiny(input_shape=(4,), num_classes=10):
+        ...     return nn.Sequential(nn.Flatten(), nn.Linear(4, num_classes))
+    """
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise ConfigError(f"model name {name!r} is invalid: use a lowercase identifier like 'my_mlp'")
+    if name in _REGISTRY:
+        raise ConfigError(f"model name {name!r} is already registered; pick another name")
+
+    def deco(factory: ModelFactory) -> ModelFactory:
+        _REGISTRY[name] = factory
+        return factory
+
+    return deco
+
+
+def names() -> list[str]:
+    """The registered model names, built-ins first in a fixed order.
+
+    Returns:
+        ``["mlp", "cnn1d", "cnn", "resnet", "transformer", ...]``.
+
+    Example:
+        >>> names()[:2]
+        ['mlp', 'cnn1d']
+    """
+    return [n for n in _BUILTINS if n in _REGISTRY] + sorted(
+        n for n in _REGISTRY if n not in _BUILTINS
+    )
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, tuple | list):
+        return [_jsonable(x) for x in v]
+    return v
+
+
+def create(name: str, *, seed: int | None = None, **kwargs: Any) -> nn.Module:
+    """Build a zoo model by name; its constructor arguments are recorded on the model.
+
+    Args:
+        name: one of :func:`names`.
+        seed: if given, initialise the weights under ``torch.manual_seed(seed)`` without touching
+            the global RNG; otherwise the global RNG is used as usual.
+        **kwargs: the model's keywords, e.g. ``input_shape=(40,)``, ``num_classes=10``,
+            ``width=128``, ``depth=2``.
+
+    Returns:
+        The ``nn.Module``, with ``model.modeconn_config = {"name": ..., "kwargs": {...}}``.
+
+    Example:
+        >>> m = create("mlp", input_shape=(40,), num_classes=10, width=32)
+        >>> m(torch.zeros(2, 40)).shape
+        torch.Size([2, 10])
+    """
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown model {name!r}; known models: {', '.join(names())}")
+    factory = _REGISTRY[name]
+    params = inspect.signature(factory).parameters
+    has_var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    unknown = [k for k in kwargs if k not in params]
+    if unknown and not has_var_kw:
+        allowed = [k for k, p in params.items() if p.kind is not inspect.Parameter.VAR_POSITIONAL]
+        raise ConfigError(
+            f"model {name!r} has no option {unknown[0]!r}; its options are: {', '.join(allowed)}"
+        )
+    fork = torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext()
+    with fork:
+        if seed is not None:
+            torch.manual_seed(seed)
+        try:
+            model = factory(**kwargs)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"cannot build model {name!r}: {e}") from None
+    # Record the full configuration (defaults included) so a checkpoint can rebuild the model.
+    full = {
+        k: _jsonable(p.default)
+        for k, p in params.items()
+        if p.default is not inspect.Parameter.empty
+        and p.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)
+    }
+    full.update({k: _jsonable(v) for k, v in kwargs.items()})
+    model.modeconn_config = {"name": name, "kwargs": full}
+    return model
+
+
+def resolve(spec: str, **kwargs: Any) -> nn.Module:
+    """Build a model from a zoo name or a ``"package.module:function"`` import path.
+
+    Args:
+        spec: a zoo name, or ``"pkg.mod:fn"`` naming a callable that returns an ``nn.Module``.
+        **kwargs: passed to the factory.
+
+    Returns:
+        The ``nn.Module``.
+
+    Example:
+        >>> resolve("mlp", input_shape=(40,)).modeconn_config["name"]
+        'mlp'
+    """
+    if ":" not in spec:
+        return create(spec, **kwargs)
+    mod_name, _, fn_name = spec.partition(":")
+    try:
+        fn = getattr(importlib.import_module(mod_name), fn_name)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"cannot import model factory {spec!r}: {e}") from None
+    if not callable(fn):
+        raise ConfigError(f"model factory {spec!r} is not callable")
+    try:
+        model = fn(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"cannot build model {spec!r}: {e}") from None
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model factory {spec!r} returned {type(model).__name__}, not nn.Module")
+    if not hasattr(model, "modeconn_config"):
+        model.modeconn_config = {"name": spec, "kwargs": {k: _jsonable(v) for k, v in kwargs.items()}}
+    return model
+
+
+# Import the built-in families so they register themselves (order fixes names()).
+from . import cnn, cnn1d, mlp, resnet, transformer  # noqa: E402, F401
+
+__all__ = ["create", "names", "register", "resolve"]

@@ -1,0 +1,247 @@
+"""Tests of weight matching, merge-many and the align() registry (Git Re-Basin, Ainsworth 2023)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+import modeconn as mc
+from modeconn._src.align import aligner_names, merge_many, weight_matching, weight_objective
+from modeconn._src.errors import ConfigError, IncompatibleModelsError
+from modeconn._src.spec import (
+    Heads,
+    PermutationSpec,
+    Slot,
+    apply_permutation,
+    random_permutation,
+)
+
+
+# --- helpers ------------------------------------------------------------------------------------
+def mlp_spec(depth: int, width: int) -> PermutationSpec:
+    """Hand-written spec of mc.models' MLP (no norm), git re-basin style."""
+    axes: dict[str, tuple[str | None, ...]] = {}
+    for i in range(depth):
+        axes[f"layers.{i}.weight"] = (f"h{i}", f"h{i - 1}" if i else None)
+        axes[f"layers.{i}.bias"] = (f"h{i}",)
+    axes["head.weight"] = (None, f"h{depth - 1}")
+    return PermutationSpec.from_axes({f"h{i}": width for i in range(depth)}, axes)
+
+
+def rand_state(spec_shapes: dict[str, tuple[int, ...]], seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(*s, generator=g) for k, s in spec_shapes.items()}
+
+
+def mlp_state(depth: int, width: int, seed: int, d_in: int = 5, d_out: int = 3) -> dict:
+    dims = [d_in] + [width] * depth
+    shapes: dict[str, tuple[int, ...]] = {}
+    for i in range(depth):
+        shapes[f"layers.{i}.weight"] = (dims[i + 1], dims[i])
+        shapes[f"layers.{i}.bias"] = (dims[i + 1],)
+    shapes["head.weight"] = (d_out, width)
+    shapes["head.bias"] = (d_out,)
+    return rand_state(shapes, seed)
+
+
+def direct_objective(spec, a, b, perm) -> float:
+    """Independent oracle: permute the whole state with the core and sum <A, pi(B)> in float64."""
+    pb = apply_permutation(spec, perm, b)
+    return sum(float((a[k].double() * pb[k].double()).sum()) for k in spec.params())
+
+
+def inverse(perm):
+    return {g: torch.argsort(p) for g, p in perm.items()}
+
+
+# --- oracles ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("width", [1, 2, 3, 4, 5, 6])
+def test_one_hidden_layer_equals_brute_force(width):
+    spec = mlp_spec(1, width)
+    a, b = mlp_state(1, width, seed=width), mlp_state(1, width, seed=100 + width)
+    found = weight_matching(spec, a, b)
+    best = max(
+        direct_objective(spec, a, b, {"h0": torch.tensor(p)})
+        for p in itertools.permutations(range(width))
+    )
+    assert direct_objective(spec, a, b, found) == pytest.approx(best, abs=1e-9)
+    assert found.info["objective"] == pytest.approx(best, abs=1e-9)
+
+
+def test_objective_never_decreases_across_rounds():
+    spec = mlp_spec(4, 12)
+    a, b = mlp_state(4, 12, seed=1), mlp_state(4, 12, seed=2)
+    full = weight_matching(spec, a, b, seed=3)
+    hist = full.info["history"]
+    assert full.info["rounds"] >= 3  # the test is only meaningful with several rounds
+    assert all(y >= x - 1e-9 for x, y in zip(hist, hist[1:], strict=False))
+    # the same descent stopped after k rounds is a prefix: check with the independent objective
+    values = [
+        direct_objective(spec, a, b, weight_matching(spec, a, b, seed=3, max_iter=k))
+        for k in range(1, full.info["rounds"] + 1)
+    ]
+    assert all(y >= x - 1e-9 for x, y in zip(values, values[1:], strict=False))
+    assert values[-1] == pytest.approx(full.info["objective"], abs=1e-8)
+    ident = {g: torch.arange(n) for g, n in spec.groups.items()}
+    assert values[0] > direct_objective(spec, a, b, ident)  # the start (identity) is improved on
+
+
+def test_restarts_keep_the_best_objective():
+    spec = mlp_spec(3, 10)
+    a, b = mlp_state(3, 10, seed=5), mlp_state(3, 10, seed=6)
+    one = weight_matching(spec, a, b, seed=0)
+    many = weight_matching(spec, a, b, seed=0, n_restarts=4)
+    objs = many.info["restart_objectives"]
+    assert len(objs) == 4 and many.info["restarts"] == 4
+    assert objs[0] == pytest.approx(one.info["objective"])  # restart 0 is the plain descent
+    assert many.info["objective"] == pytest.approx(max(objs))
+    assert direct_objective(spec, a, b, many) == pytest.approx(max(objs), abs=1e-8)
+
+
+# --- planted permutations -------------------------------------------------------------------------
+def test_planted_permutation_deep_mlp_is_recovered_and_inputs_untouched():
+    spec = mlp_spec(3, 64)
+    torch.manual_seed(0)
+    a = mc.models.create("mlp", input_shape=(40,), width=64, depth=3).state_dict()
+    planted = random_permutation(spec, seed=7)
+    b = apply_permutation(spec, planted, a)
+    a_copy = {k: v.clone() for k, v in a.items()}
+    b_copy = {k: v.clone() for k, v in b.items()}
+    found = weight_matching(spec, a, b)
+    for g in spec.groups:
+        assert torch.equal(found[g], torch.argsort(planted[g]))
+    aligned = apply_permutation(spec, found, b)
+    assert all(torch.equal(aligned[k], a[k]) for k in a)
+    assert all(torch.equal(a[k], a_copy[k]) and torch.equal(b[k], b_copy[k]) for k in a)
+
+
+def test_planted_permutation_with_block_repeats_offset_and_unit_start():
+    # g1 lives in a conv-like tensor (Conv -> Flatten -> Linear: block 3, channel-last repeats 2),
+    # g2 in a fused tensor at an offset, split over two slots with unit_start.
+    spec = PermutationSpec(
+        groups={"g1": 4, "g2": 6},
+        slots={
+            "g1": (Slot("conv", 0), Slot("convb", 0), Slot("fc", 1, block=3, repeats=2)),
+            "g2": (
+                Slot("fc", 0),
+                Slot("fused", 0, offset=2, length=3),
+                Slot("fused", 0, offset=7, unit_start=3),
+                Slot("out", 1),
+            ),
+        },
+    )
+    a = rand_state(
+        {"conv": (4, 2, 3), "convb": (4,), "fc": (6, 24), "fused": (11, 5), "out": (2, 6)}, 0
+    )
+    planted = {"g1": torch.tensor([2, 0, 3, 1]), "g2": torch.tensor([1, 2, 0, 5, 3, 4])}
+    b = apply_permutation(spec, planted, a)
+    found = weight_matching(spec, a, b)
+    aligned = apply_permutation(spec, found, b)
+    assert all(torch.equal(aligned[k], a[k]) for k in a)
+    assert torch.equal(found["g1"], torch.argsort(planted["g1"]))
+
+
+def test_planted_heads_permutation_is_recovered():
+    # attention group: 3 heads, q/k segment of dim 2 and v segment of dim 2
+    heads = Heads(3, ((0, 2), (6, 2)))
+    spec = PermutationSpec(
+        groups={"att": 12},
+        slots={"att": (Slot("qkv", 0), Slot("proj", 1))},
+        heads={"att": heads},
+    )
+    a = rand_state({"qkv": (12, 4), "proj": (4, 12)}, 3)
+    planted = random_permutation(spec, seed=2)
+    b = apply_permutation(spec, planted, a)
+    found = weight_matching(spec, a, b)
+    mc.check_permutation(spec, found)
+    aligned = apply_permutation(spec, found, b)
+    assert all(torch.equal(aligned[k], a[k]) for k in a)
+
+
+# --- merge many -----------------------------------------------------------------------------------
+def test_merge_many_recovers_planted_permutations_in_model_0_frame():
+    spec = mlp_spec(2, 16)
+    a = mlp_state(2, 16, seed=4)
+    planted = [random_permutation(spec, seed=s) for s in range(4)]
+    states = [apply_permutation(spec, p, a) for p in planted]
+    perms = merge_many(spec, states)
+    assert perms[0].info["converged"]
+    for p, q in zip(planted, perms, strict=False):
+        aligned = apply_permutation(spec, q, apply_permutation(spec, p, a))
+        assert all(torch.equal(aligned[k], states[0][k]) for k in a)
+    assert all(torch.equal(perms[0][g], torch.arange(16)) for g in spec.groups)
+
+
+def test_merge_many_free_frame_aligns_all_models_to_each_other():
+    spec = mlp_spec(2, 8)
+    a = mlp_state(2, 8, seed=9)
+    states = [apply_permutation(spec, random_permutation(spec, seed=s), a) for s in (1, 2, 3)]
+    perms = merge_many(spec, states, fix_first=False, seed=1)
+    aligned = [apply_permutation(spec, p, s) for p, s in zip(perms, states, strict=False)]
+    assert all(torch.equal(aligned[i][k], aligned[0][k]) for i in (1, 2) for k in a)
+
+
+# --- errors ---------------------------------------------------------------------------------------
+def test_mismatched_widths_name_the_first_differing_tensor():
+    spec = mlp_spec(2, 8)
+    a, b = mlp_state(2, 8, seed=0), mlp_state(2, 9, seed=1)
+    with pytest.raises(IncompatibleModelsError, match="layers.0.weight"):
+        weight_matching(spec, a, b)
+
+
+def test_mismatched_depths_name_the_missing_tensor():
+    spec = mlp_spec(2, 8)
+    a, b = mlp_state(2, 8, seed=0), mlp_state(3, 8, seed=1)
+    with pytest.raises(IncompatibleModelsError, match="layers.2"):
+        weight_matching(spec, a, b)
+
+
+def test_nan_weights_are_refused():
+    spec = mlp_spec(2, 8)
+    a, b = mlp_state(2, 8, seed=0), mlp_state(2, 8, seed=1)
+    b["layers.1.weight"][0, 0] = float("nan")
+    with pytest.raises(IncompatibleModelsError, match="NaN.*layers.1.weight"):
+        weight_matching(spec, a, b)
+
+
+def test_weight_objective_of_identity_matches_direct_sum():
+    spec = mlp_spec(2, 5)
+    a, b = mlp_state(2, 5, seed=0), mlp_state(2, 5, seed=1)
+    ident = {g: torch.arange(n) for g, n in spec.groups.items()}
+    assert weight_objective(spec, a, b) == pytest.approx(direct_objective(spec, a, b, ident))
+
+
+# --- align() registry -----------------------------------------------------------------------------
+class _TinyMLP(nn.Module):
+    def __init__(self, width: int = 8) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(5, width), nn.Linear(width, width)])
+        self.head = nn.Linear(width, 3)
+
+    def forward(self, x):
+        for fc in self.layers:
+            x = torch.relu(fc(x))
+        return self.head(x)
+
+
+def test_align_weight_returns_permuted_copy_with_same_function():
+    torch.manual_seed(0)
+    ma, mb = _TinyMLP(), _TinyMLP()
+    before = {k: v.clone() for k, v in mb.state_dict().items()}
+    spec = mlp_spec(2, 8)
+    aligned, perm = mc.align(ma, mb, method="weight", spec=spec, return_permutation=True)
+    x = torch.randn(7, 5)
+    assert aligned is not mb
+    assert torch.allclose(aligned(x), mb(x), atol=1e-6)
+    assert all(torch.equal(mb.state_dict()[k], before[k]) for k in before)
+    expect = apply_permutation(spec, perm, before)
+    assert all(torch.equal(aligned.state_dict()[k], expect[k]) for k in expect)
+
+
+def test_unknown_method_lists_the_registered_names():
+    with pytest.raises(ConfigError, match="weight"):
+        mc.align(_TinyMLP(), _TinyMLP(), method="nope", spec=mlp_spec(2, 8))
+    assert "weight" in aligner_names()
