@@ -35,12 +35,18 @@ from ._src.assign import solve_assignment
 
 # --- foundation: models, data, checkpoints, training -----------------------------------------
 from . import data, models
+from ._src.adversarial import PGDConfig, pgd_attack, robust_evaluate
+from ._src.io import Checkpoint, load_checkpoint, load_model, save_checkpoint
+from ._src.train import TrainResult, train
 
 # --- symmetry: spec inference ----------------------------------------------------------------
+from ._src.infer import capture_sites, infer_spec
 
 # --- alignment ---------------------------------------------------------------------------------
 from ._src.align import align, align_states, aligner_names, merge_many, register_aligner
-from ._src.align import weight_matching, weight_objective
+from ._src.align import activation_matching, weight_matching, weight_objective
+from ._src.align.sinkhorn import sinkhorn_matching
+from ._src.align.ste import ste_matching
 from ._src.norm import needs_bn_reset, repair, reset_bn, reset_bn_state
 
 # --- paths and curves -----------------------------------------------------------------------
@@ -50,9 +56,12 @@ from ._src.paths import (
     PathEvaluation,
     PolyChain,
     evaluate_path,
+    fit_curve,
     load_path,
 )
+from ._src.report import plot_paths
 
 # --- merging ---------------------------------------------------------------------------------
+from ._src.merge import MergedState, MergeRecipe, merge, merge_methods
 
 __all__ = [name for name in dir() if not name.startswith("_")]

@@ -50,7 +50,7 @@ class Splits:
         ds = self.train if split == "train" else self.test
         if isinstance(ds, TensorDataset):
             return ds.tensors[0], ds.tensors[1]
-        xs, ys = zip(*(ds[i] for i in range(len(ds))))  # type: ignore[arg-type]
+        xs, ys = zip(*(ds[i] for i in range(len(ds))), strict=True)  # type: ignore[arg-type]
         return torch.stack(xs), torch.as_tensor(ys)
 
 
@@ -235,7 +235,9 @@ def sources() -> list[str]:
     return list(_BUILTIN)
 
 
-def load_npz(path: str | os.PathLike[str], *, standardize: bool = True, num_classes: int | None = None) -> Splits:
+def load_npz(
+    path: str | os.PathLike[str], *, standardize: bool = True, num_classes: int | None = None
+) -> Splits:
     """An ``.npz`` file with arrays ``x_train``, ``y_train``, ``x_test``, ``y_test``.
 
     Args:
@@ -259,7 +261,9 @@ def load_npz(path: str | os.PathLike[str], *, standardize: bool = True, num_clas
         raise DataError(f"cannot read {str(p)!r} as an .npz file: {e}") from None
     with z:
         if not hasattr(z, "files"):
-            raise DataError(f"{str(p)!r} is a single .npy array, not an .npz with x_train, y_train, ...")
+            raise DataError(
+                f"{str(p)!r} is a single .npy array, not an .npz with x_train, y_train, ..."
+            )
         arrays = {}
         for key in ("x_train", "y_train", "x_test", "y_test"):
             if key not in z.files:
@@ -304,11 +308,15 @@ def _as_tensor_dataset(obj: Any, where: str) -> Dataset:
     if isinstance(obj, Dataset):
         return obj
     if isinstance(obj, tuple | list) and len(obj) == 2:
-        x, y = (torch.as_tensor(np.asarray(t)) if not isinstance(t, torch.Tensor) else t for t in obj)
+        x, y = (
+            torch.as_tensor(np.asarray(t)) if not isinstance(t, torch.Tensor) else t for t in obj
+        )
         if len(x) != len(y):
             raise DataError(f"{where}: inputs have {len(x)} rows but targets have {len(y)}")
         return TensorDataset(x.float(), y.long())
-    raise DataError(f"{where}: expected a Dataset or an (inputs, targets) pair, got {type(obj).__name__}")
+    raise DataError(
+        f"{where}: expected a Dataset or an (inputs, targets) pair, got {type(obj).__name__}"
+    )
 
 
 def load_import(spec: str, **kwargs: Any) -> Splits:
@@ -337,7 +345,9 @@ def load_import(spec: str, **kwargs: Any) -> Splits:
     if isinstance(out, Splits):
         return out
     if not (isinstance(out, tuple | list) and len(out) == 2):
-        raise DataError(f"data source {spec!r} must return a Splits or (train, test), got {type(out).__name__}")
+        raise DataError(
+            f"data source {spec!r} must return a Splits or (train, test), got {type(out).__name__}"
+        )
     train, test = (_as_tensor_dataset(o, f"data source {spec!r}") for o in out)
     if len(train) == 0:  # type: ignore[arg-type]
         raise DataError(f"data source {spec!r} returned an empty training set")

@@ -45,7 +45,9 @@ class PGDConfig(BaseModel):
 Forward = Callable[[Tensor], Tensor]
 
 
-def _pgd(forward: Forward, x: Tensor, y: Tensor, cfg: PGDConfig, gen: torch.Generator | None) -> Tensor:
+def _pgd(
+    forward: Forward, x: Tensor, y: Tensor, cfg: PGDConfig, gen: torch.Generator | None
+) -> Tensor:
     """The PGD loop on one batch (see :func:`pgd_attack`)."""
     x = x.detach()
     if cfg.random_start:

@@ -12,7 +12,9 @@ from typing import IO, Any
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike[str], mode: str = "wb", **open_kwargs: Any) -> Iterator[IO]:
+def atomic_write(
+    path: str | os.PathLike[str], mode: str = "wb", **open_kwargs: Any
+) -> Iterator[IO]:
     """Open a temporary file next to ``path``; on success it atomically replaces ``path``.
 
     The temporary file lives in the same directory (so ``os.replace`` is atomic) and is removed
@@ -69,7 +71,9 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """
     dest = Path(path)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.stem}.", suffix=f".tmp{dest.suffix}", dir=dest.parent)
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{dest.stem}.", suffix=f".tmp{dest.suffix}", dir=dest.parent
+    )
     os.close(fd)
     try:
         yield Path(tmp)
@@ -113,11 +117,15 @@ def _state_of(model_or_state: Any, where: str) -> dict[str, Any]:
 
     state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
     if not isinstance(state, Mapping):
-        raise CheckpointError(f"cannot save {type(model_or_state).__name__} to {where}: need a model or state dict")
+        raise CheckpointError(
+            f"cannot save {type(model_or_state).__name__} to {where}: need a model or state dict"
+        )
     out: dict[str, Any] = {}
     for k, v in state.items():
         if not isinstance(v, torch.Tensor):
-            raise CheckpointError(f"cannot save {where}: entry {k!r} is a {type(v).__name__}, not a tensor")
+            raise CheckpointError(
+                f"cannot save {where}: entry {k!r} is a {type(v).__name__}, not a tensor"
+            )
         # clone: tied/shared tensors become independent copies (safetensors refuses shared memory)
         out[str(k)] = v.detach().to("cpu", copy=True).contiguous()
     return out
@@ -164,7 +172,9 @@ def save_checkpoint(
     try:
         text = json.dumps(full, default=_json_default, allow_nan=True)
     except (TypeError, ValueError) as e:
-        raise CheckpointError(f"cannot save {str(dest)!r}: metadata is not JSON-serialisable ({e})") from None
+        raise CheckpointError(
+            f"cannot save {str(dest)!r}: metadata is not JSON-serialisable ({e})"
+        ) from None
     if dest.suffix.lower() in _TORCH_SUFFIXES:
         with atomic_write(dest) as f:
             torch.save({"state_dict": tensors, "modeconn_meta": text}, f)
@@ -308,7 +318,9 @@ def _load_torch(p: Path) -> Checkpoint:
         ) from None
     except Exception as e:  # noqa: BLE001 - truncated zip, bad magic number, ...
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CheckpointError(f"cannot read checkpoint {str(p)!r} (corrupt or truncated?): {msg}") from None
+        raise CheckpointError(
+            f"cannot read checkpoint {str(p)!r} (corrupt or truncated?): {msg}"
+        ) from None
     meta: dict[str, Any] = {}
     if isinstance(obj, Mapping):
         for key in ("state_dict", "model_state_dict", "model", "state"):
@@ -318,21 +330,27 @@ def _load_torch(p: Path) -> Checkpoint:
                     try:
                         meta = json.loads(raw)
                     except ValueError:
-                        raise CheckpointError(f"checkpoint {str(p)!r} has corrupt modeconn metadata") from None
+                        raise CheckpointError(
+                            f"checkpoint {str(p)!r} has corrupt modeconn metadata"
+                        ) from None
                 elif isinstance(obj.get("meta"), Mapping):
                     meta = dict(obj["meta"])
                 obj = obj[key]
                 break
     if not isinstance(obj, Mapping) or not obj:
-        raise CheckpointError(f"checkpoint {str(p)!r} holds no state dict (got {type(obj).__name__})")
+        raise CheckpointError(
+            f"checkpoint {str(p)!r} holds no state dict (got {type(obj).__name__})"
+        )
     bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
     if bad:
-        raise CheckpointError(f"checkpoint {str(p)!r}: entry {bad[0]!r} is not a tensor; expected a state dict")
+        raise CheckpointError(
+            f"checkpoint {str(p)!r}: entry {bad[0]!r} is not a tensor; expected a state dict"
+        )
     return Checkpoint({str(k): v for k, v in obj.items()}, meta, str(p))
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
-    """Read a checkpoint safely: safetensors, or ``.pt``/``.pth`` via ``torch.load(weights_only=True)``.
+    """Read a checkpoint safely: safetensors, or .pt/.pth via ``torch.load(weights_only=True)``.
 
     A pickle that needs arbitrary Python objects (and so could run code) is refused, never
     executed. Missing, corrupt or truncated files raise :class:`CheckpointError`.
@@ -352,7 +370,10 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
 
     p = Path(path)
     if not p.is_file():
-        raise CheckpointError(f"checkpoint {str(p)!r} does not exist" + ("" if not p.is_dir() else " (it is a folder)"))
+        raise CheckpointError(
+            f"checkpoint {str(p)!r} does not exist"
+            + ("" if not p.is_dir() else " (it is a folder)")
+        )
     if p.suffix.lower() in _TORCH_SUFFIXES:
         return _load_torch(p)
     try:

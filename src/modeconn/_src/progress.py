@@ -45,6 +45,8 @@ def progress_bar(
         task = bar.add_task(description, total=total)
 
         def advance(text: str | None = None) -> None:
-            bar.update(task, advance=1, **({"description": f"{description}: {text}"} if text else {}))
+            bar.update(
+                task, advance=1, **({"description": f"{description}: {text}"} if text else {})
+            )
 
         yield advance

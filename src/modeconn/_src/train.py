@@ -52,7 +52,9 @@ def _split_data(data: Any, test_data: Any) -> tuple[Any, Any]:
     return data, test_data
 
 
-def _optimizer(name: str, params: Any, lr: float, momentum: float, wd: float) -> torch.optim.Optimizer:
+def _optimizer(
+    name: str, params: Any, lr: float, momentum: float, wd: float
+) -> torch.optim.Optimizer:
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=wd)
     if name == "adam":
@@ -129,7 +131,9 @@ def train(
     if schedule not in SCHEDULES:
         raise ConfigError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
     if epochs < 0 or lr <= 0 or batch_size < 1:
-        raise ConfigError(f"need epochs >= 0, lr > 0, batch_size >= 1 (got {epochs}, {lr}, {batch_size})")
+        raise ConfigError(
+            f"need epochs >= 0, lr > 0, batch_size >= 1 (got {epochs}, {lr}, {batch_size})"
+        )
     pgd = PGDConfig.coerce(adversarial) if adversarial is not None else None
     train_data, test_data = _split_data(data, test_data)
     dev = resolve_device(device) if device is not None else model_device(model)

@@ -41,7 +41,9 @@ def register(name: str) -> Callable[[ModelFactory], ModelFactory]:
         ...     return nn.Sequential(nn.Flatten(), nn.Linear(4, num_classes))
     """
     if not isinstance(name, str) or not _NAME_RE.match(name):
-        raise ConfigError(f"model name {name!r} is invalid: use a lowercase identifier like 'my_mlp'")
+        raise ConfigError(
+            f"model name {name!r} is invalid: use a lowercase identifier like 'my_mlp'"
+        )
     if name in _REGISTRY:
         raise ConfigError(f"model name {name!r} is already registered; pick another name")
 
@@ -152,7 +154,10 @@ def resolve(spec: str, **kwargs: Any) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model factory {spec!r} returned {type(model).__name__}, not nn.Module")
     if not hasattr(model, "modeconn_config"):
-        model.modeconn_config = {"name": spec, "kwargs": {k: _jsonable(v) for k, v in kwargs.items()}}
+        model.modeconn_config = {
+            "name": spec,
+            "kwargs": {k: _jsonable(v) for k, v in kwargs.items()},
+        }
     return model
 
 

@@ -45,7 +45,9 @@ class CNN(nn.Module):
         shape = check_shape(input_shape, (2, 3), "cnn")
         check_norm(norm, (None, "bn"))
         if depth < 1 or width < 1:
-            raise ValueError(f"cnn needs depth >= 1 and width >= 1, got depth={depth}, width={width}")
+            raise ValueError(
+                f"cnn needs depth >= 1 and width >= 1, got depth={depth}, width={width}"
+            )
         self.in_shape = (1, *shape) if len(shape) == 2 else shape
         self.act = get_activation(activation)
         c, h, w = self.in_shape
@@ -67,6 +69,6 @@ class CNN(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = x.reshape(-1, *self.in_shape)
-        for conv, norm, pool in zip(self.convs, self.norms, self.pools):
+        for conv, norm, pool in zip(self.convs, self.norms, self.pools, strict=True):
             x = pool(self.act(norm(conv(x))))
         return self.head(x.mean((-2, -1)))

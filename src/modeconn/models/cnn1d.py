@@ -57,7 +57,9 @@ class CNN1d(nn.Module):
         channels, length = self.in_shape
         convs, norms = [], []
         for _ in range(depth):
-            convs.append(nn.Conv1d(channels, width, kernel_size, stride=2, padding=kernel_size // 2))
+            convs.append(
+                nn.Conv1d(channels, width, kernel_size, stride=2, padding=kernel_size // 2)
+            )
             norms.append(nn.BatchNorm1d(width) if norm == "bn" else nn.Identity())
             channels, length = width, (length - 1) // 2 + 1
         self.convs = nn.ModuleList(convs)
@@ -66,7 +68,7 @@ class CNN1d(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = x.reshape(-1, *self.in_shape)
-        for conv, norm in zip(self.convs, self.norms):
+        for conv, norm in zip(self.convs, self.norms, strict=True):
             x = self.act(norm(conv(x)))
         x = x.flatten(1) if self.pool == "flatten" else x.mean(-1)
         return self.head(x)

@@ -44,18 +44,26 @@ class MLP(nn.Module):
         shape = check_shape(input_shape, (1, 2, 3), "mlp")
         check_norm(norm, (None, "bn", "ln"))
         if depth < 0 or width < 1:
-            raise ValueError(f"mlp needs depth >= 0 and width >= 1, got depth={depth}, width={width}")
+            raise ValueError(
+                f"mlp needs depth >= 0 and width >= 1, got depth={depth}, width={width}"
+            )
         self.act = get_activation(activation)
         dims = [numel(shape)] + [width] * depth
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        self.layers = nn.ModuleList(
+            nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:], strict=True)
+        )
         self.norms = nn.ModuleList(
-            nn.BatchNorm1d(width) if norm == "bn" else nn.LayerNorm(width) if norm == "ln" else nn.Identity()
+            nn.BatchNorm1d(width)
+            if norm == "bn"
+            else nn.LayerNorm(width)
+            if norm == "ln"
+            else nn.Identity()
             for _ in range(depth)
         )
         self.head = nn.Linear(dims[-1], num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
         x = x.flatten(1)
-        for fc, norm in zip(self.layers, self.norms):
+        for fc, norm in zip(self.layers, self.norms, strict=True):
             x = self.act(norm(fc(x)))
         return self.head(x)

@@ -31,7 +31,9 @@ class BasicBlock(nn.Module):
         self.conv2 = _conv(dim, cout, cout, 3, 1)
         self.bn2 = _bn(dim, cout)
         if stride != 1 or cin != cout:
-            self.shortcut: nn.Module = nn.Sequential(_conv(dim, cin, cout, 1, stride), _bn(dim, cout))
+            self.shortcut: nn.Module = nn.Sequential(
+                _conv(dim, cin, cout, 1, stride), _bn(dim, cout)
+            )
         else:
             self.shortcut = nn.Identity()
 

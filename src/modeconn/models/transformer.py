@@ -1,4 +1,4 @@
-"""Small pre-LN Transformer encoder classifier (Vaswani et al., 2017; pre-LN: Xiong et al., 2020)."""
+"""Small pre-LN Transformer encoder classifier (Vaswani et al., 2017; Xiong et al., 2020)."""
 
 from __future__ import annotations
 
@@ -53,7 +53,9 @@ class MLPBlock(nn.Module):
 class Block(nn.Module):
     """Pre-LN encoder block: ``x + attn(ln1(x))``, then ``x + mlp(ln2(x))``."""
 
-    def __init__(self, dim: int, num_heads: int, hidden: int, num_tokens: int, activation: str) -> None:
+    def __init__(
+        self, dim: int, num_heads: int, hidden: int, num_tokens: int, activation: str
+    ) -> None:
         super().__init__()
         self.ln1 = nn.LayerNorm(dim)
         self.attn = Attention(dim, num_heads, num_tokens)

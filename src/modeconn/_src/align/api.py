@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError, SpecError
-from ..evaluation import DataLike, as_loader, with_state
+from ..evaluation import DataLike, as_loader, model_device, with_state
 from ..spec import Permutation, PermutationSpec, apply_permutation
 from ..state import check_compatible
 
@@ -109,13 +109,16 @@ def resolve_spec(
 
 
 def _example_from_model(model: nn.Module) -> Tensor:
-    shape = getattr(model, "input_shape", None)
+    """Zero inputs of the shape a zoo model records (``modeconn_config``), for tracing."""
+    config = getattr(model, "modeconn_config", None)
+    kwargs = config.get("kwargs", {}) if isinstance(config, dict) else {}
+    shape = kwargs.get("input_shape", getattr(model, "input_shape", None))
     if shape is None:
         raise SpecError(
             "cannot infer the permutation spec without example inputs: pass data=, "
             "example_inputs= or spec="
         )
-    return torch.zeros(2, *tuple(shape), device=next(iter(model.parameters())).device)
+    return torch.zeros(2, *tuple(shape), device=model_device(model))
 
 
 def align(

@@ -1,0 +1,353 @@
+"""modeconn's torch.fx tracer: a graph of the forward pass with every node's example value.
+
+``infer_spec`` and ``capture_sites`` both trace through :func:`trace_model`, so fx node names (the
+``node`` of a :class:`~modeconn._src.spec.Site`) agree between them. The tracer is a
+``torch.fx.Tracer`` that
+
+- keeps a fixed set of modules whose symmetry modeconn knows (Linear, Conv, norms, activations,
+  ``nn.MultiheadAttention``, ...) as leaves and traces through everything else, including other
+  ``torch.nn`` modules such as ``nn.TransformerEncoderLayer``;
+- runs every node on the example inputs while it traces (shapes for free, like
+  ``torch.fx.passes.shape_prop.ShapeProp``), and answers Python control flow on traced values
+  (``if x.dim() == 3``, ``len(x)``, ``int(n)``) with the example's value, so code written for
+  eager mode (Hugging Face models included) traces; the graph is specialised to that control flow;
+- turns a submodule that cannot be traced into an opaque leaf (the analysis then pins its inputs
+  and outputs) instead of failing the whole model.
+"""
+
+from __future__ import annotations
+
+import inspect
+import weakref
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from .errors import SpecError
+
+# Modules whose forward modeconn's analysis understands: kept as leaves, never traced into.
+KNOWN_LEAVES: tuple[type[nn.Module], ...] = (
+    nn.Linear,
+    nn.Bilinear,
+    nn.modules.conv._ConvNd,
+    nn.modules.batchnorm._BatchNorm,
+    nn.modules.instancenorm._InstanceNorm,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.LocalResponseNorm,
+    nn.Embedding,
+    nn.EmbeddingBag,
+    nn.MultiheadAttention,
+    nn.Flatten,
+    nn.Unflatten,
+    nn.Identity,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.FeatureAlphaDropout,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.PReLU,
+    nn.RReLU,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Hardtanh,
+    nn.Hardsigmoid,
+    nn.Hardswish,
+    nn.Hardshrink,
+    nn.Softshrink,
+    nn.Softplus,
+    nn.Softsign,
+    nn.Tanhshrink,
+    nn.Threshold,
+    nn.LogSigmoid,
+    nn.GLU,
+    nn.Softmax,
+    nn.LogSoftmax,
+    nn.Softmin,
+    nn.Softmax2d,
+    nn.modules.pooling._MaxPoolNd,
+    nn.modules.pooling._AvgPoolNd,
+    nn.modules.pooling._AdaptiveAvgPoolNd,
+    nn.modules.pooling._AdaptiveMaxPoolNd,
+    nn.modules.pooling._LPPoolNd,
+    nn.Upsample,
+    nn.modules.padding._ConstantPadNd,
+    nn.modules.padding._ReflectionPadNd,
+    nn.modules.padding._ReplicationPadNd,
+    nn.ZeroPad1d,
+    nn.ZeroPad2d,
+    nn.ZeroPad3d,
+    nn.PixelShuffle,
+    nn.PixelUnshuffle,
+    nn.ChannelShuffle,
+) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+
+
+@dataclass
+class Trace:
+    """A traced model: the fx graph module, each node's example value, and the opaque leaves."""
+
+    gm: fx.GraphModule
+    values: dict[fx.Node, Any]
+    opaque: set[str] = field(default_factory=set)  # module paths traced as unknown leaves
+    input_names: tuple[str, ...] = ()
+
+
+class _ValueProxy(fx.Proxy):
+    """An fx Proxy that answers Python's questions (len, int, bool, iteration) with its example value."""
+
+    def _value(self) -> Any:
+        return self.tracer.values[self.node]  # type: ignore[attr-defined]
+
+    def __len__(self) -> int:
+        return len(self._value())
+
+    def __index__(self) -> int:
+        return int(self._value())
+
+    def __int__(self) -> int:
+        return int(self._value())
+
+    def __float__(self) -> float:
+        return float(self._value())
+
+
+def _to_value(tracer: _Tracer, a: Any) -> Any:
+    return fx.node.map_aggregate(a, lambda x: tracer.values[x] if isinstance(x, fx.Node) else x)
+
+
+class _Tracer(fx.Tracer):
+    def __init__(self, inputs: dict[str, Any], leaf_types: tuple[type, ...], leaf_paths: set[str]):
+        super().__init__(autowrap_modules=(__import__("math"),), param_shapes_constant=True)
+        self.inputs = inputs
+        self.leaf_types = leaf_types
+        self.leaf_paths = leaf_paths
+        self.values: dict[fx.Node, Any] = {}
+        self.failed_path: str | None = None
+        self.failed_error: BaseException | None = None
+        self.computing = False
+
+    # --- which modules stay whole -------------------------------------------------------------
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if module_qualified_name in self.leaf_paths:
+            return True
+        return isinstance(m, self.leaf_types)
+
+    def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
+        if self.computing:  # a leaf module's own children, run for its example value
+            return forward(*args, **kwargs)
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception as e:
+            if self.failed_path is None:  # the innermost module that failed
+                self.failed_path = self.path_of_module(m)
+                self.failed_error = e
+            raise
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
+        if self.computing:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+    # --- proxies that carry example values -----------------------------------------------------
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _ValueProxy(node, self)
+
+    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):  # noqa: ANN001, ANN201, E501
+        p = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        node = p.node
+        if kind == "output":
+            return p
+        if kind == "placeholder":
+            # concrete (defaulted) arguments become placeholders named like "mask_1"
+            self.values[node] = self.inputs.get(target, node.args[0] if node.args else None)
+            return p
+        a, kw = _to_value(self, node.args), _to_value(self, node.kwargs)
+        self.computing = True
+        try:
+            v = self._compute(kind, target, a, kw)
+        finally:
+            self.computing = False
+        self.values[node] = v
+        return p
+
+    def _compute(self, kind: str, target: Any, a: Any, kw: Any) -> Any:
+        with torch.no_grad():
+            if kind == "get_attr":
+                v: Any = self.root
+                for part in str(target).split("."):
+                    v = getattr(v, part)
+            elif kind == "call_function":
+                v = target(*a, **kw)
+            elif kind == "call_method":
+                v = getattr(a[0], target)(*a[1:], **kw)
+            else:  # call_module; the unpatched __call__ (fx patches nn.Module.__call__ while tracing)
+                mod = self.root.get_submodule(target)
+                v = fx._symbolic_trace._orig_module_call(mod, *a, **kw)
+        return v
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        return bool(self.values[obj.node])
+
+    def iter(self, obj: fx.Proxy) -> Iterable[Any]:
+        return iter([obj[i] for i in range(len(self.values[obj.node]))])
+
+    def keys(self, obj: fx.Proxy) -> Any:
+        return self.values[obj.node].keys()
+
+
+def bind_inputs(model: nn.Module, example_inputs: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Map example inputs onto ``model.forward``'s parameters.
+
+    Returns:
+        ``(inputs, concrete)``: the traced arguments by name, and the defaults of the others.
+    """
+    if isinstance(example_inputs, dict):
+        args, kwargs = (), dict(example_inputs)
+    elif isinstance(example_inputs, tuple | list):
+        args, kwargs = tuple(example_inputs), {}
+    else:
+        args, kwargs = (example_inputs,), {}
+    sig = inspect.signature(model.forward)
+    for p in sig.parameters.values():
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and (
+            p.kind == p.VAR_KEYWORD and set(kwargs) - set(sig.parameters) or p.kind == p.VAR_POSITIONAL
+        ):
+            raise SpecError(
+                f"{type(model).__name__}.forward takes *args/**kwargs, which modeconn cannot trace; "
+                "wrap the model in a module with named forward arguments, or write the spec by hand "
+                "with PermutationSpec.from_axes(...)"
+            )
+    try:
+        bound = sig.bind(*args, **kwargs)
+    except TypeError as e:
+        raise SpecError(f"example inputs do not fit {type(model).__name__}.forward: {e}") from e
+    inputs = dict(bound.arguments)
+    concrete = {
+        n: p.default
+        for n, p in sig.parameters.items()
+        if n not in inputs and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    }
+    return inputs, concrete
+
+
+def trace_model(
+    model: nn.Module, example_inputs: Any, *, leaf_modules: Iterable[Any] | None = None
+) -> Trace:
+    """Trace ``model`` on ``example_inputs`` with modeconn's tracer.
+
+    The model is traced in eval mode (its train/eval flags are restored afterwards) and is not
+    modified. A submodule that cannot be traced becomes an opaque leaf; if the model itself
+    cannot be traced, :class:`SpecError` says where and what to do.
+
+    Args:
+        model: the network.
+        example_inputs: a tensor, a tuple of positional inputs, or a dict of keyword inputs.
+        leaf_modules: extra module types or dotted paths to keep whole (treated as unknown ops).
+
+    Returns:
+        A :class:`Trace`.
+
+    Example:
+        >>> t = trace_model(nn.Sequential(nn.Linear(3, 4), nn.ReLU()), torch.zeros(2, 3))
+        >>> [n.op for n in t.gm.graph.nodes]
+        ['placeholder', 'call_module', 'call_module', 'output']
+    """
+    inputs, concrete = bind_inputs(model, example_inputs)
+    types = list(KNOWN_LEAVES)
+    paths: set[str] = set()
+    for lm in leaf_modules or ():
+        if isinstance(lm, str):
+            paths.add(lm)
+        elif isinstance(lm, type):
+            types.append(lm)
+        else:
+            raise SpecError(f"leaf_modules entries must be module types or dotted paths, got {lm!r}")
+    opaque: set[str] = set(paths)
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        for _ in range(len(modes) + 1):
+            tracer = _Tracer(inputs, tuple(types), paths)
+            try:
+                graph = tracer.trace(model, concrete_args=concrete or None)
+            except Exception as e:
+                path = tracer.failed_path
+                if not path:
+                    raise SpecError(
+                        f"cannot trace {type(model).__name__}: {type(e).__name__}: {e}. "
+                        "Pass a hand-written spec instead: PermutationSpec.from_axes(groups, axes)"
+                    ) from e
+                import warnings
+
+                warnings.warn(
+                    f"modeconn: module {path!r} ({type(model.get_submodule(path)).__name__}) cannot "
+                    f"be traced ({type(tracer.failed_error).__name__}: {tracer.failed_error}); "
+                    "its inputs and outputs are not permuted",
+                    stacklevel=3,
+                )
+                paths.add(path)
+                opaque.add(path)
+                continue
+            gm = fx.GraphModule(model, graph)
+            return Trace(gm, tracer.values, opaque, tuple(inputs))
+        raise SpecError(f"cannot trace {type(model).__name__}; write the spec by hand")
+    finally:
+        for m, t in modes.items():
+            m.training = t
+
+
+# --- a small cache of graph modules for capture_sites -------------------------------------------
+_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[Any, fx.GraphModule]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _signature(example_inputs: Any, batch: bool) -> Any:
+    def sig(x: Any) -> Any:
+        if isinstance(x, torch.Tensor):
+            shape = tuple(x.shape) if batch or x.dim() == 0 else tuple(x.shape[1:])
+            return ("T", shape, x.dtype)
+        if isinstance(x, dict):
+            return tuple((k, sig(v)) for k, v in x.items())
+        if isinstance(x, tuple | list):
+            return tuple(sig(v) for v in x)
+        return ("V", repr(x))
+
+    return sig(example_inputs)
+
+
+def cached_graph(
+    model: nn.Module, example_inputs: Any, leaf_modules: Iterable[Any] | None = None, *,
+    exact: bool = False,
+) -> fx.GraphModule:
+    """The graph module of ``model`` for inputs like ``example_inputs`` (traced once, cached).
+
+    Args:
+        model: the network.
+        example_inputs: as for :func:`trace_model`.
+        leaf_modules: as for :func:`trace_model`.
+        exact: look up by the exact input shapes; otherwise a graph traced for another batch
+            size is reused (call again with ``exact=True`` if it fails to run).
+    """
+    leaves = tuple(map(str, leaf_modules or ()))
+    key = (exact, _signature(example_inputs, batch=exact), leaves)
+    per_model = _CACHE.setdefault(model, {})
+    if key not in per_model:
+        if len(per_model) >= 8:
+            per_model.pop(next(iter(per_model)))
+        per_model[key] = trace_model(model, example_inputs, leaf_modules=leaf_modules).gm
+    return per_model[key]

@@ -1,0 +1,48 @@
+"""``modeconn demo``: the embedded end-to-end run on MNIST-1D, writing a report folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .common import DeviceOpt, JsonOpt, ProgressOpt, check_out_path, console, write_json
+
+
+def command(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Report folder.")] = Path("report"),
+    fast: Annotated[bool, typer.Option("--fast", help="Quick run: 8 training epochs.")] = False,
+    epochs: Annotated[int, typer.Option(help="Training epochs per endpoint.")] = 40,
+    points: Annotated[int, typer.Option(help="Points evaluated along each path.")] = 25,
+    cache: Annotated[
+        bool, typer.Option("--cache/--no-cache", help="Reuse endpoints trained earlier.")
+    ] = True,
+    device: DeviceOpt = None,
+    json_path: JsonOpt = None,
+    progress: ProgressOpt = True,
+) -> None:
+    """Train two MLPs on MNIST-1D that differ only in seed (or reuse them from the cache),
+    evaluate the straight line between them, print the loss/accuracy table and the loss and
+    error barriers, and write report/ (report.json, path.png, the two endpoints)."""
+    from .._src.demo import DemoConfig, run_demo
+    from .._src.errors import ConfigError
+
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {str(out)!r} is a file; give a folder for the report")
+    if json_path is not None:
+        check_out_path(json_path)
+    if epochs < 1 or points < 2:
+        raise ConfigError("--epochs must be >= 1 and --points >= 2")
+    cfg = DemoConfig(
+        epochs=epochs,
+        points=points,
+        out=str(out),
+        fast=fast,
+        use_cache=cache,
+        device=device,
+        progress=progress,
+    )
+    ctx = run_demo(cfg, console=console)
+    if json_path is not None:
+        write_json(json_path, ctx["report"])

@@ -1,0 +1,182 @@
+"""``modeconn merge``: merge checkpoints with any method (or a YAML recipe), compare the result."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from .common import (
+    DataOpt,
+    DeviceOpt,
+    JsonOpt,
+    ModelArgsOpt,
+    ModelOpt,
+    ProgressOpt,
+    check_out_path,
+    console,
+    parse_model_args,
+    print_table,
+    write_json,
+)
+
+_SUFFIXES = (".safetensors", ".pt", ".pth")
+
+
+def _params(items: list[str] | None) -> dict[str, Any]:
+    """``--param density=0.2`` -> ``{"density": 0.2}`` (values read as YAML)."""
+    from .._src.errors import ConfigError
+
+    try:
+        return parse_model_args(items)
+    except ConfigError:
+        bad = next(i for i in items or () if "=" not in i or not i.partition("=")[0].strip())
+        raise ConfigError(f"--param {bad!r} must look like KEY=VALUE, e.g. density=0.2") from None
+
+
+def _weights(text: str | None) -> list[float] | None:
+    from .._src.errors import ConfigError
+
+    if text is None:
+        return None
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise ConfigError(
+            f"--weights {text!r} must be comma-separated numbers, e.g. 0.3,0.7"
+        ) from None
+
+
+def _recorded_data(path: Path) -> str | None:
+    from .._src.io import load_checkpoint
+
+    recorded = load_checkpoint(path).meta.get("data")
+    return recorded if isinstance(recorded, str) and recorded else None
+
+
+def command(
+    models: Annotated[
+        list[Path] | None, typer.Argument(help="Checkpoints to merge (A B [C ...]).")
+    ] = None,
+    method: Annotated[
+        str | None,
+        typer.Option(
+            "--method",
+            help="average (default), soup, fisher, regmean, task_arithmetic, ties, dare, slerp.",
+        ),
+    ] = None,
+    base: Annotated[
+        Path | None,
+        typer.Option("--base", help="Pretrained checkpoint (task_arithmetic, ties, dare)."),
+    ] = None,
+    data: DataOpt = None,
+    align: Annotated[
+        str | None,
+        typer.Option("--align", help="Align the models first: weight, activation, ste, sinkhorn."),
+    ] = None,
+    param: Annotated[
+        list[str] | None,
+        typer.Option("--param", "-p", help="Method parameter KEY=VALUE, repeatable (density=0.2)."),
+    ] = None,
+    weights: Annotated[
+        str | None, typer.Option("--weights", help="Per-model weights, comma-separated: 0.3,0.7.")
+    ] = None,
+    reset_bn: Annotated[
+        bool, typer.Option("--reset-bn", help="Recompute BatchNorm statistics after merging.")
+    ] = False,
+    repair: Annotated[
+        bool, typer.Option("--repair", help="REPAIR the merged model (two models).")
+    ] = False,
+    config: Annotated[
+        Path | None, typer.Option("--config", help="A YAML merge recipe instead of the options.")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Merged checkpoint (.safetensors or .pt).")
+    ] = None,
+    model: ModelOpt = None,
+    model_arg: ModelArgsOpt = None,
+    device: DeviceOpt = None,
+    json_path: JsonOpt = None,
+    progress: ProgressOpt = True,
+) -> None:
+    """Merge checkpoints into one and print each input's test loss/accuracy next to the merged one.
+
+    The data's train split feeds Fisher, RegMean, the greedy soup's selection, activation
+    alignment and the BN reset; the test split gives the table. Example: modeconn merge
+    a.safetensors b.safetensors --method ties --base pre.safetensors --out m.safetensors
+    """
+    from .._src.errors import ConfigError
+    from .._src.merge import MergeRecipe
+    from .._src.merge.base import get_method
+    from .._src.merge.recipe import run_recipe
+
+    if config is not None:
+        clashing = [name for name, v in (
+            ("checkpoints", models), ("--method", method), ("--base", base), ("--align", align),
+            ("--param", param), ("--weights", weights), ("--model", model),
+            ("--model-arg", model_arg), ("--reset-bn", reset_bn), ("--repair", repair),
+        ) if v]
+        if clashing:
+            raise ConfigError(
+                f"--config already describes the merge; drop {', '.join(clashing)} "
+                "(only --out, --data, --device and --json may override it)"
+            )
+        recipe = MergeRecipe.from_yaml(config)
+        updates: dict[str, Any] = {}
+        if out is not None:
+            updates["out"] = str(out)
+        if data is not None:
+            updates["data"] = data
+        if device is not None:
+            updates["device"] = device
+        if updates:
+            recipe = MergeRecipe.validate_dict({**recipe.model_dump(), **updates}, "options")
+    else:
+        if not models:
+            raise ConfigError("give the checkpoints to merge (modeconn merge A B ...) or --config")
+        if out is None:
+            raise ConfigError("give --out merged.safetensors (where to write the merged model)")
+        name = method or "average"
+        get_method(name)  # unknown method: one line listing the methods, before any work
+        if data is None:
+            data = _recorded_data(models[0])
+        w = _weights(weights)
+        if w is not None and len(w) != len(models):
+            raise ConfigError(f"--weights has {len(w)} numbers for {len(models)} checkpoints")
+        recipe = MergeRecipe.validate_dict({
+            "models": [
+                {"path": str(p), **({"weight": w[i]} if w else {})}
+                for i, p in enumerate(models)
+            ],
+            "method": name,
+            "parameters": _params(param),
+            "base": str(base) if base else None,
+            "model": model,
+            "model_kwargs": parse_model_args(model_arg),
+            "align": align,
+            "reset_bn": reset_bn,
+            "repair": repair,
+            "data": data,
+            "out": str(out),
+            "device": device,
+        }, "options")
+    if recipe.out is None:
+        raise ConfigError("the recipe has no out: and no --out was given")
+    check_out_path(recipe.out, suffixes=_SUFFIXES)
+    if json_path is not None:
+        check_out_path(json_path)
+
+    run = run_recipe(recipe, progress=progress)
+    if run.rows:
+        print_table(
+            f"merge: {recipe.method} ({len(recipe.models)} models"
+            + (f", aligned by {recipe.align.method}" if recipe.align else "")
+            + "), test split",
+            ["model", "loss", "accuracy"],
+            [[r["model"], r["loss"], r["accuracy"]] for r in run.rows],
+        )
+    console.print(f"saved {recipe.out}")
+    if json_path is not None:
+        write_json(json_path, {"out": recipe.out, "recipe": recipe.model_dump(), "info": run.info,
+                               "evaluation": run.rows})

@@ -1,0 +1,101 @@
+"""``modeconn train``: train a zoo (or user) model on a data source and save a checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .common import (
+    DataOpt,
+    DeviceOpt,
+    JsonOpt,
+    ModelArgsOpt,
+    ProgressOpt,
+    SeedOpt,
+    build_model,
+    check_out_path,
+    console,
+    load_data_arg,
+    parse_model_args,
+    print_table,
+    write_json,
+)
+
+
+def command(
+    model: Annotated[
+        str,
+        typer.Option(
+            "--model",
+            "-m",
+            help="Zoo model (mlp, cnn1d, cnn, resnet, transformer) or 'package.module:function'.",
+        ),
+    ] = "mlp",
+    data: DataOpt = "mnist1d",
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Checkpoint to write (.safetensors or .pt).")
+    ] = Path("model.safetensors"),
+    seed: SeedOpt = 0,
+    epochs: Annotated[int, typer.Option(help="Passes over the training data.")] = 40,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 0.1,
+    optimizer: Annotated[str, typer.Option(help="sgd, adam or adamw.")] = "sgd",
+    schedule: Annotated[str, typer.Option(help="cosine, constant or step.")] = "cosine",
+    momentum: Annotated[float, typer.Option(help="SGD momentum.")] = 0.9,
+    weight_decay: Annotated[float, typer.Option(help="Weight decay.")] = 5e-4,
+    batch_size: Annotated[int, typer.Option(help="Minibatch size.")] = 128,
+    model_arg: ModelArgsOpt = None,
+    adversarial: Annotated[
+        bool, typer.Option("--adversarial/--no-adversarial", help="PGD-ℓ∞ adversarial training.")
+    ] = False,
+    eps: Annotated[float, typer.Option(help="PGD radius (with --adversarial).")] = 0.1,
+    pgd_step: Annotated[float, typer.Option(help="PGD step size.")] = 0.025,
+    pgd_steps: Annotated[int, typer.Option(help="PGD steps.")] = 7,
+    device: DeviceOpt = None,
+    json_path: JsonOpt = None,
+    progress: ProgressOpt = True,
+) -> None:
+    """Train a model on a data source and save it (with its metadata) as a checkpoint.
+
+    Same --seed gives bit-identical weights on CPU. The checkpoint records the model name and
+    options, the data source, the seed, the training settings and the final train/test metrics,
+    so later commands need no --model.
+    """
+    import modeconn as mc
+
+    out = check_out_path(out, suffixes=(".safetensors", ".pt", ".pth"))
+    if json_path is not None:
+        check_out_path(json_path)
+    kwargs = parse_model_args(model_arg)
+    splits = load_data_arg(data)
+    net = build_model(model, splits, kwargs, seed=seed)
+    pgd = {"eps": eps, "step": pgd_step, "steps": pgd_steps} if adversarial else None
+    result = mc.train(
+        net,
+        splits,
+        epochs=epochs,
+        lr=lr,
+        optimizer=optimizer,
+        schedule=schedule,
+        momentum=momentum,
+        weight_decay=weight_decay,
+        batch_size=batch_size,
+        seed=seed,
+        device=device,
+        adversarial=pgd,
+        progress=progress,
+    )
+    meta = {"data": data, "seed": seed, "train": result.config, "metrics": result.metrics}
+    mc.save_checkpoint(out, result.model, meta=meta)
+    m = result.metrics
+    rows = [["train", m["train_loss"], m["train_accuracy"]]]
+    if "test_loss" in m:
+        rows.append(["test", m["test_loss"], m["test_accuracy"]])
+    if "robust_test_loss" in m:
+        rows.append(["test (PGD)", m["robust_test_loss"], m["robust_test_accuracy"]])
+    title = f"{model} on {data}, seed {seed}, {epochs} epochs"
+    print_table(title, ["split", "loss", "accuracy"], rows)
+    console.print(f"saved {out} ({m['time_s']:.1f} s)")
+    if json_path is not None:
+        write_json(json_path, {"out": str(out), "model": model, **meta})
