@@ -13,8 +13,9 @@ from torch import nn
 
 import modeconn as mc
 
-# Small models: more threads only add overhead (and the CI machine has 2 cores).
-torch.set_num_threads(2)
+# One intra-op thread: the test models are tiny, and on a shared 2-core machine OpenMP threads
+# spin-waiting for each other made training ~13x slower than a single thread (measured).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -80,3 +80,18 @@ def test_mismatched_architectures_name_the_tensor(checkpoints, monkeypatch, caps
     assert code == 2
     assert "layers.0.weight" in err and "Traceback" not in err
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_align_activation_uses_recorded_data(checkpoints, monkeypatch, capsys):
+    d, a, b, _ = checkpoints
+    out, js = d / "b_act.safetensors", d / "act.json"
+    code = run_cli(
+        monkeypatch, "align", a, b, "--method", "activation", "--out", out, "--json", js,
+        "--points", "3", "--no-progress",
+    )
+    assert code == 0, capsys.readouterr().err
+    res = json.loads(js.read_text())
+    assert res["alignment"]["method"] == "activation"
+    assert res["after"]["loss_barrier"] < 0.5 * res["before"]["loss_barrier"]
+    assert mc.load_checkpoint(out).meta["alignment"]["info"]["mean_corr_after"]

@@ -11,6 +11,7 @@ from torch import nn
 import modeconn as mc
 from modeconn._src.align import aligner_names, merge_many, weight_matching, weight_objective
 from modeconn._src.errors import ConfigError, IncompatibleModelsError
+from modeconn._src.evaluation import with_state
 from modeconn._src.spec import (
     Heads,
     PermutationSpec,
@@ -245,3 +246,21 @@ def test_unknown_method_lists_the_registered_names():
     with pytest.raises(ConfigError, match="weight"):
         mc.align(_TinyMLP(), _TinyMLP(), method="nope", spec=mlp_spec(2, 8))
     assert "weight" in aligner_names()
+
+
+# --- every zoo model, spec inferred ---------------------------------------------------------------
+@pytest.mark.parametrize("name", mc.models.names())
+def test_planted_permutation_on_every_zoo_model_with_inferred_spec(name):
+    shape = (1, 8, 8) if name == "cnn" else (40,)
+    a = mc.models.create(name, input_shape=shape, seed=0)
+    x = torch.randn(16, *shape, generator=torch.Generator().manual_seed(0))
+    spec = mc.infer_spec(a, x[:4], warn=False)
+    planted = random_permutation(spec, seed=3)
+    b = with_state(a, apply_permutation(spec, planted, a.state_dict()))
+    perm = weight_matching(spec, a.state_dict(), b.state_dict())  # one descent, no restarts
+    for g in spec.groups:
+        assert torch.equal(perm[g], torch.argsort(planted[g])), g
+    aligned = with_state(b, apply_permutation(spec, perm, b.state_dict()))
+    assert all(torch.equal(aligned.state_dict()[k], v) for k, v in a.state_dict().items())
+    a.eval(), aligned.eval()
+    assert torch.equal(a(x), aligned(x))

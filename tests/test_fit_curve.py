@@ -27,9 +27,7 @@ def _toy(seed: int = 0, dropout: float = 0.0):
 
 
 def _equal_paths(p, q) -> bool:
-    return all(
-        torch.equal(a[k], b[k]) for a, b in zip(p.points, q.points, strict=True) for k in a
-    )
+    return all(torch.equal(a[k], b[k]) for a, b in zip(p.points, q.points, strict=True) for k in a)
 
 
 def test_garipov_schedule():
@@ -64,8 +62,9 @@ def test_one_step_equals_sgd_on_ce_plus_half_wd_norm_of_theta_t():
     bend = {k: 0.5 * (sa[k] + sb[k]) + 0.1 for k in sa}
     curve = _Recording("bezier", [sa, bend, sb], names)
     lr, wd = 0.3, 0.01
-    train_curve(a, curve, (x, y), epochs=1, lr=lr, wd=wd, momentum=0.0, batch_size=len(x),
-                progress=False)
+    train_curve(
+        a, curve, (x, y), epochs=1, lr=lr, wd=wd, momentum=0.0, batch_size=len(x), progress=False
+    )
     (t,) = curve.seen
     # Oracle: θ(t) = (1−t)²θ_A + 2t(1−t)θ_1 + t²θ_B; gradient by hand-written autograd on θ_1.
     m = {k: v.clone().requires_grad_(True) for k, v in bend.items()}
@@ -84,8 +83,9 @@ def test_fit_keeps_endpoints_and_inputs_and_leaves_global_rng_alone():
     a.eval()
     rng = torch.get_rng_state()
     for kind in ("bezier", "polychain"):
-        curve = mc.fit_curve(a, b, data, kind=kind, bends=2, epochs=2, lr=0.1, batch_size=32,
-                             progress=False)
+        curve = mc.fit_curve(
+            a, b, data, kind=kind, bends=2, epochs=2, lr=0.1, batch_size=32, progress=False
+        )
         assert isinstance(curve, {"bezier": mc.BezierCurve, "polychain": mc.PolyChain}[kind])
         assert curve.num_points == 4 and len(curve.meta["history"]) == 2
         for s, p in ((before[0], curve.points[0]), (before[1], curve.points[-1])):
@@ -124,8 +124,9 @@ def test_kill_and_resume_gives_the_uninterrupted_curve_bit_for_bit(tmp_path):
         mc.fit_curve(a, b, data, checkpoint_dir=tmp_path, callback=kill_after_two, **kw)
     assert (tmp_path / "fit_state.pt").is_file()
     seen = []
-    resumed = mc.fit_curve(a, b, data, checkpoint_dir=tmp_path, resume=True,
-                           callback=lambda e, r: seen.append(e), **kw)
+    resumed = mc.fit_curve(
+        a, b, data, checkpoint_dir=tmp_path, resume=True, callback=lambda e, r: seen.append(e), **kw
+    )
     assert seen == [2, 3, 4]  # only the remaining epochs ran
     assert _equal_paths(full, resumed)
     assert resumed.meta["history"] == full.meta["history"]
@@ -185,8 +186,9 @@ def test_bad_options_are_refused():
 def test_learned_bezier_beats_the_linear_path_on_mnist1d(trained, mnist1d_splits):
     a, b = trained("mlp", seed=0), trained("mlp", seed=1)
     test = mnist1d_splits.test
-    line = mc.evaluate_path(a, mc.LinearPath(a.state_dict(), b.state_dict()), test, ts=11,
-                            progress=False)
+    line = mc.evaluate_path(
+        a, mc.LinearPath(a.state_dict(), b.state_dict()), test, ts=11, progress=False
+    )
     curve = mc.fit_curve(a, b, mnist1d_splits, epochs=3, progress=False)
     ev = mc.evaluate_path(a, curve, test, ts=11, progress=False)
     # Measured (10-epoch endpoints, 3 curve epochs, 2 seed pairs): linear max loss 2.56 and
@@ -203,6 +205,8 @@ def test_weight_aligned_curve_ends_at_a_permuted_copy_of_b(trained, mnist1d_spli
     end = curve.points[-1]
     x, _ = mnist1d_splits.tensors("test")
     with torch.no_grad():
-        torch.testing.assert_close(torch.func.functional_call(a, end, (x,)), b(x), atol=1e-4, rtol=0)
+        torch.testing.assert_close(
+            torch.func.functional_call(a, end, (x,)), b(x), atol=1e-4, rtol=0
+        )
     assert not torch.equal(end["layers.0.weight"], b.state_dict()["layers.0.weight"])
     assert all(torch.equal(v, a.state_dict()[k]) for k, v in curve.points[0].items())

@@ -18,8 +18,11 @@ from modeconn._src.paths import PathEvaluation, bezier_coefficients, polychain_c
 def _states(n: int, seed: int = 0, shape=(3, 2)) -> list[dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
     return [
-        {"w": torch.randn(shape, generator=g), "b": torch.randn(shape[0], generator=g),
-         "count": torch.tensor(10 * i)}
+        {
+            "w": torch.randn(shape, generator=g),
+            "b": torch.randn(shape[0], generator=g),
+            "count": torch.tensor(10 * i),
+        }
         for i in range(n)
     ]
 
@@ -75,7 +78,9 @@ def test_endpoints_exact_and_integer_buffers_from_the_nearest_end(kind):
     for t, end in ((0.0, pts[0]), (1.0, pts[-1])):
         s = path.state(t)
         assert all(torch.equal(s[k], end[k]) for k in end)
-    assert int(path.state(0.4)["count"]) == 0 and int(path.state(0.6)["count"]) == int(pts[-1]["count"])
+    assert int(path.state(0.4)["count"]) == 0 and int(path.state(0.6)["count"]) == int(
+        pts[-1]["count"]
+    )
     assert path.state(0.4)["count"].dtype == torch.int64
 
 
@@ -141,7 +146,11 @@ def test_every_path_kind_reproduces_the_endpoints_of_every_zoo_model(name):
     bn = mc.needs_bn_reset(a)
     sa, sb = a.state_dict(), b.state_dict()
     bends = [m1.state_dict(), m2.state_dict()]
-    paths = [mc.LinearPath(sa, sb), mc.BezierCurve([sa, *bends, sb]), mc.PolyChain([sa, *bends, sb])]
+    paths = [
+        mc.LinearPath(sa, sb),
+        mc.BezierCurve([sa, *bends, sb]),
+        mc.PolyChain([sa, *bends, sb]),
+    ]
 
     def ready(net: nn.Module) -> nn.Module:
         return mc.reset_bn(net, (x, y)) if bn else net.eval()
@@ -174,8 +183,10 @@ def _mlp_pair(seed: int = 0):
 
 def test_evaluate_path_matches_evaluate_at_every_t():
     (a, b), (x, y) = _mlp_pair()
-    bend = {k: 0.5 * (v + b.state_dict()[k]) + 0.3 * torch.randn_like(v)
-            for k, v in a.state_dict().items()}
+    bend = {
+        k: 0.5 * (v + b.state_dict()[k]) + 0.3 * torch.randn_like(v)
+        for k, v in a.state_dict().items()
+    }
     path = mc.BezierCurve([a.state_dict(), bend, b.state_dict()])
     ev = mc.evaluate_path(a, path, (x, y), ts=7, progress=False, batch_size=16)
     assert ev.ts.tolist() == pytest.approx([i / 6 for i in range(7)])
@@ -193,14 +204,17 @@ def test_barrier_and_summaries_against_a_hand_computation():
     ts = [0.0, 0.25, 0.5, 0.75, 1.0]
     losses, errors = [], []
     for t in ts:
-        net = with_state(a, {k: (1 - t) * a.state_dict()[k] + t * b.state_dict()[k]
-                             for k in a.state_dict()})
+        net = with_state(
+            a, {k: (1 - t) * a.state_dict()[k] + t * b.state_dict()[k] for k in a.state_dict()}
+        )
         with torch.no_grad():
             out = net(x)
         losses.append(float(nn.functional.cross_entropy(out, y)))
         errors.append(float((out.argmax(1) != y).float().mean()))
     for values, metric in ((losses, "loss"), (errors, "error")):
-        hand = max(v - ((1 - t) * values[0] + t * values[-1]) for t, v in zip(ts, values))
+        hand = max(
+            v - ((1 - t) * values[0] + t * values[-1]) for t, v in zip(ts, values, strict=True)
+        )
         assert ev.barrier(metric) == pytest.approx(hand, abs=1e-5)
     s = ev.summary("loss")
     assert s["max"] == pytest.approx(max(losses), rel=1e-5)
@@ -209,17 +223,23 @@ def test_barrier_and_summaries_against_a_hand_computation():
     # On a straight path dl is constant, so the arc-length mean is the trapezoid rule.
     trap = sum(0.5 * (losses[i] + losses[i + 1]) for i in range(4)) / 4
     assert s["arc_mean"] == pytest.approx(trap, rel=1e-5)
-    dist = math.sqrt(sum(float((a.state_dict()[k] - b.state_dict()[k]).pow(2).sum())
-                         for k in a.state_dict()))
+    dist = math.sqrt(
+        sum(float((a.state_dict()[k] - b.state_dict()[k]).pow(2).sum()) for k in a.state_dict())
+    )
     assert ev.dl[1:].tolist() == pytest.approx([dist / 4] * 4, rel=1e-5)
 
 
 def test_arc_length_mean_weights_by_distance():
     ev = PathEvaluation(
         ts=torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64),
-        results={"s": {"loss": torch.tensor([1.0, 3.0, 1.0], dtype=torch.float64),
-                       "accuracy": torch.tensor([0.9, 0.5, 0.8], dtype=torch.float64)}},
-        primary="s", dl=torch.tensor([0.0, 3.0, 1.0], dtype=torch.float64),
+        results={
+            "s": {
+                "loss": torch.tensor([1.0, 3.0, 1.0], dtype=torch.float64),
+                "accuracy": torch.tensor([0.9, 0.5, 0.8], dtype=torch.float64),
+            }
+        },
+        primary="s",
+        dl=torch.tensor([0.0, 3.0, 1.0], dtype=torch.float64),
     )
     # segments: (1+3)/2 with length 3, (3+1)/2 with length 1 -> 2.0; the barrier is 3 - 1
     assert ev.summary("loss")["arc_mean"] == pytest.approx(2.0)
@@ -239,8 +259,7 @@ def test_named_splits_bn_reset_and_robust_accuracy():
     train, test = (x[:60], y[:60]), (x[60:], y[60:])
     path = mc.LinearPath(a.state_dict(), b.state_dict())
     pgd = {"eps": 0.5, "step": 0.2, "steps": 3}
-    ev = mc.evaluate_path(a, path, {"train": train, "test": test}, ts=3, robust=pgd,
-                          progress=False)
+    ev = mc.evaluate_path(a, path, {"train": train, "test": test}, ts=3, robust=pgd, progress=False)
     assert ev.primary == "test" and set(ev.splits) == {"train", "test"}
     # the midpoint's BN statistics are recomputed on the train split (the default bn_data)
     mid = mc.reset_bn(with_state(a, path.state(0.5)), train)

@@ -60,6 +60,9 @@ from ._src.paths import (
     load_path,
 )
 from ._src.report import plot_paths
+from ._src import landscape
+from ._src.paths.ensemble import EnsembleResult, curve_ensemble, evaluate_ensemble, fge
+from ._src.paths.pam import pam_align
 
 # --- merging ---------------------------------------------------------------------------------
 from ._src.merge import MergedState, MergeRecipe, merge, merge_methods

@@ -41,7 +41,7 @@ from torch import Tensor, fx, nn
 
 from .errors import SpecError
 from .spec import Heads, PermutationSpec, Site, Slot, apply_permutation, random_permutation
-from .trace import Trace, bind_inputs, cached_graph, trace_model
+from .trace import Trace, cached_graph, call_args, trace_model, traced_root
 
 __all__ = ["infer_spec", "capture_sites"]
 
@@ -239,6 +239,7 @@ class _Analysis:
     def __init__(self, model: nn.Module, tr: Trace, warn: bool) -> None:
         self.model = model
         self.tr = tr
+        self.root = tr.root if tr.root is not None else model
         self.warn_enabled = warn
         self.V = _Vars()
         self.desc: dict[fx.Node, Desc] = {}
@@ -251,6 +252,7 @@ class _Analysis:
         self.candidates: list[_Candidate] = []
         self.warned: set[str] = set()
         self.all_descs: list[tuple[int, ...]] = []  # every tensor description (for head locality)
+        self.pending: list[tuple[str, str, list[int]]] = []
 
     # --- helpers --------------------------------------------------------------------------------
     def warn(self, what: str, why: str) -> None:
@@ -315,11 +317,31 @@ class _Analysis:
         has_tensor = any(self._has_tensor(d) for d in ins)
         out = self.out_desc_from_value(self.tr.values.get(node), pinned=True)
         if has_tensor or self._has_tensor(out):
+            touched: list[int] = []
             for d in ins:
                 self.pin_all(d)
-            if has_tensor:
-                self.warn(what, why)
+                touched += self._vars_of(d)
+            if has_tensor:  # warned at the end, if it touched an axis with hidden units
+                self.pending.append((what, why, touched))
         return out
+
+    def _vars_of(self, d: Desc) -> list[int]:
+        if _is_t(d):
+            return list(d)
+        if isinstance(d, list):
+            return [v for x in d for v in self._vars_of(x)]
+        return []
+
+    def flush_warnings(self) -> None:
+        hidden = {
+            self.V.find(v)
+            for tid, vs in self.param_vars.items()
+            if tid in self.param_keys
+            for v in vs
+        }
+        for what, why, touched in self.pending:
+            if any(self.V.find(v) in hidden for v in touched):
+                self.warn(what, why)
 
     def _has_tensor(self, d: Desc) -> bool:
         if _is_t(d):
@@ -388,15 +410,16 @@ class _Analysis:
     # --- modules ------------------------------------------------------------------------------
     def call_module(self, node: fx.Node) -> Desc:
         path = str(node.target)
-        m = self.model.get_submodule(path)
+        m = self.root.get_submodule(path)
+        label = path[len(self.tr.prefix) :] if path.startswith(self.tr.prefix) else path
         out_val = self.tr.values.get(node)
         if path in self.tr.opaque:
-            return self._opaque_module(node, m, path, "cannot be traced")
+            return self._opaque_module(node, m, label, "cannot be traced")
         x = self.arg_desc(node.args[0]) if node.args else None
         if isinstance(m, nn.MultiheadAttention):
-            return self.mha(node, m, path)
+            return self.mha(node, m, label)
         if not _is_t(x) or not isinstance(out_val, Tensor):
-            return self._opaque_module(node, m, path, "unexpected inputs/outputs")
+            return self._opaque_module(node, m, label, "unexpected inputs/outputs")
         if isinstance(m, _ACTIVATION_MODULES):
             return x
         if isinstance(m, nn.PReLU):
@@ -406,9 +429,9 @@ class _Analysis:
                 self.pvars(m.weight)
             return x
         if isinstance(m, nn.Linear):
-            return self.linear(node, node.args[0], x, m.weight, m.bias, path)
+            return self.linear(node, node.args[0], x, m.weight, m.bias, label)
         if isinstance(m, nn.modules.conv._ConvNd):
-            return self.conv(node, node.args[0], x, m.weight, m.bias, m.groups, m.transposed, path, out_val)
+            return self.conv(node, node.args[0], x, m.weight, m.bias, m.groups, m.transposed, label, out_val)
         if isinstance(m, nn.modules.batchnorm._BatchNorm | nn.modules.instancenorm._InstanceNorm):
             c = x[1] if len(x) > 1 else x[0]
             if isinstance(m, nn.modules.instancenorm._InstanceNorm) and len(x) == m._get_no_batch_dim():
@@ -428,13 +451,13 @@ class _Analysis:
             self.group_norm(x, m.num_groups, m.weight, m.bias)
             return x
         if isinstance(m, nn.Embedding):
-            return self.embedding(x, m.weight, path)
+            return self.embedding(x, m.weight, label)
         if isinstance(m, nn.GLU):
             return self.glu(x, m.dim, out_val)
         if isinstance(m, _POOL_MODULES):
             k = int("".join(ch for ch in type(m).__name__ if ch.isdigit()) or 1)
             if getattr(m, "return_indices", False):
-                return self._opaque_module(node, m, path, "returns indices")
+                return self._opaque_module(node, m, label, "returns indices")
             return self.spatial(x, k, out_val.shape)
         if isinstance(m, nn.Upsample):
             k = len(x) - 2
@@ -443,7 +466,7 @@ class _Analysis:
             return self.spatial(x, len(m.padding) // 2, out_val.shape)
         if isinstance(m, nn.Flatten | nn.Unflatten):
             return self.reshape(x, out_val.shape)
-        return self._opaque_module(node, m, path, "no known symmetry")
+        return self._opaque_module(node, m, label, "no known symmetry")
 
     def _opaque_module(self, node: fx.Node, m: nn.Module, path: str, why: str) -> Desc:
         for t in list(m.parameters()) + list(m.buffers()):
@@ -682,6 +705,7 @@ class _Analysis:
         b_param = isinstance(bnode, fx.Node) and bnode.op == "get_attr"
         if b_param and not a_param:
             self.candidate(anode, -1, a[-1])
+            self.V.label.setdefault(b[-1], self._label_of(bnode, node))
         if a_param and not b_param and len(b) > 1:
             self.candidate(bnode, len(b) - 2, b[-2])
         batch_shape = out_val.shape[: max(len(a2), len(b2)) - 2] if len(a) > 1 and len(b) > 1 else out_val.shape[: len(out_val.shape) - (1 if (len(a) > 1) != (len(b) > 1) else 0)]
@@ -881,7 +905,8 @@ class _Analysis:
     def _label_of(self, wnode: Any, node: fx.Node) -> str:
         if isinstance(wnode, fx.Node) and wnode.op == "get_attr":
             t = str(wnode.target)
-            return t[: -len(".weight")] if t.endswith(".weight") else t
+            t = t[len(self.tr.prefix) :] if t.startswith(self.tr.prefix) else t
+            return t.rsplit(".", 1)[0] if t.endswith((".weight", ".bias")) else t
         return node.name
 
     def permute_like(self, node: fx.Node, x: tuple[int, ...], out_val: Any) -> Desc:
@@ -977,7 +1002,7 @@ class _Analysis:
         if not isinstance(index, tuple):
             index = (index,)
         if any(isinstance(i, Tensor | list) for i in index):
-            return self.unknown(node, "tensor indexing", "advanced indexing")
+            return self.unknown(node, "tensor indexing", "advanced (tensor) indexing")
         n_consume = sum(1 for i in index if i is not None and i is not Ellipsis)
         expanded: list[Any] = []
         for i in index:
@@ -1021,6 +1046,7 @@ class _Analysis:
     def finish(self) -> PermutationSpec:
         V = self.V
         self.resolve_heads()
+        self.flush_warnings()
         roots_in_order: list[int] = []
         seen: set[int] = set()
         for v in range(len(V.parent)):
@@ -1190,17 +1216,14 @@ class _Analysis:
         return out
 
     def name_group(self, g: Any, labels: dict[Any, list[str]]) -> str:
+        params = [s.param for s in self.slots[g]]
+        first = params[0].rsplit(".", 1)[0] if params[0].endswith((".weight", ".bias")) else params[0]
+        if g[0] == "heads":  # where its projections live, e.g. "blocks.0.attn"
+            mods = list(dict.fromkeys(p.rsplit(".", 1)[0] for p in params))
+            return _common_prefix(mods) or first
         labs = list(dict.fromkeys(labels.get(g, [])))
         if not labs:
-            p = self.slots[g][0].param
-            return p[: -len(".weight")] if p.endswith(".weight") else p
-        if g[0] == "heads":
-            prefix = _common_prefix(labs)
-            if len(labs) == 1 and isinstance(self.model.get_submodule(labs[0]) if _has_module(self.model, labs[0]) else None, nn.MultiheadAttention):
-                return labs[0]
-            if len(labs) == 1 or not prefix:
-                return labs[0].rsplit(".", 1)[0] if "." in labs[0] else labs[0]
-            return prefix
+            return first
         if len(labs) == 1:
             return labs[0]
         prefix = _common_prefix(labs)  # a residual stream: where its producers live
@@ -1278,7 +1301,7 @@ class _Analysis:
                             return cur.name, i, len(d), parts
             name = _name_of(cur.target)
             shape_op = (cur.op in ("call_method", "call_function") and (name in _SHAPE_ONLY or name in _PERMUTE or name == "contiguous")) or (
-                cur.op == "call_module" and isinstance(self.model.get_submodule(str(cur.target)), nn.Flatten | nn.Unflatten)
+                cur.op == "call_module" and isinstance(self.root.get_submodule(str(cur.target)), nn.Flatten | nn.Unflatten)
             )
             if not shape_op or not cur.args or not isinstance(cur.args[0], fx.Node):
                 return None
@@ -1363,14 +1386,14 @@ def _perturbed_state(model: nn.Module, seed: int) -> dict[str, Tensor]:
     return out
 
 
-def _run(model: nn.Module, state: dict[str, Tensor], inputs: dict[str, Any]) -> list[Tensor]:
-    params = {k: state[k] for k in state}
+def _run(model: nn.Module, state: dict[str, Tensor], inputs: Any) -> list[Tensor]:
+    args, kwargs = call_args(inputs)
     with torch.no_grad():
-        out = torch.func.functional_call(model, params, (), inputs, tie_weights=False, strict=False)
+        out = torch.func.functional_call(model, dict(state), args, kwargs, tie_weights=False)
     return [o.detach().float() for o in _flat_outputs(out)]
 
 
-def _verify(model: nn.Module, spec: PermutationSpec, inputs: dict[str, Any], warn: bool) -> PermutationSpec:
+def _verify(model: nn.Module, spec: PermutationSpec, inputs: Any, warn: bool) -> PermutationSpec:
     if not spec.groups:
         return spec
     modes = {m: m.training for m in model.modules()}
@@ -1470,8 +1493,7 @@ def infer_spec(
     spec = an.finish()
     spec.check(model.state_dict())
     if verify:
-        inputs, _ = bind_inputs(model, example_inputs)
-        spec = _verify(model, spec, inputs, warn)
+        spec = _verify(model, spec, example_inputs, warn)
     return spec
 
 
@@ -1516,7 +1538,7 @@ def capture_sites(
     mod_names = [n for n in wanted if n.startswith("module:")]
     out: dict[str, Tensor] = {}
     if fx_names:
-        bound, _ = bind_inputs(model, inputs)
+        _, prefix, bound, _ = traced_root(model, inputs)
         for exact in (False, True):
             sub = _capture_module(cached_graph(model, inputs, leaf_modules, exact=exact), tuple(fx_names))
             try:
@@ -1525,7 +1547,8 @@ def capture_sites(
                         res = sub(**bound)
                     else:
                         res = torch.func.functional_call(
-                            sub, dict(state), (), bound, strict=False, tie_weights=False
+                            sub, {prefix + k: v for k, v in state.items()}, (), bound,
+                            strict=False, tie_weights=False,
                         )
                 break
             except Exception:
@@ -1542,13 +1565,13 @@ def capture_sites(
             except AttributeError as e:
                 raise SpecError(f"site {n!r} names no submodule of {type(model).__name__}") from e
             handles.append(m.register_forward_hook(lambda _m, _i, o, n=n: got.__setitem__(n, o)))
-        bound, _ = bind_inputs(model, inputs)
+        args, kwargs = call_args(inputs)
         try:
             with torch.no_grad():
                 if state is None:
-                    model(**bound)
+                    model(*args, **kwargs)
                 else:
-                    torch.func.functional_call(model, dict(state), (), bound, strict=False, tie_weights=False)
+                    torch.func.functional_call(model, dict(state), args, kwargs, tie_weights=False)
         finally:
             for h in handles:
                 h.remove()

@@ -50,13 +50,20 @@ def plot_paths(
         color = f"C{i % 10}"
         name = split or ev.primary
         ts = ev.ts.tolist()
-        ax_loss.plot(ts, ev.values("loss", name).tolist(), marker="o", ms=3, color=color,
-                     label=label)
-        ax_acc.plot(ts, ev.values("accuracy", name).tolist(), marker="o", ms=3, color=color,
-                    label=label)
+        ax_loss.plot(
+            ts, ev.values("loss", name).tolist(), marker="o", ms=3, color=color, label=label
+        )
+        ax_acc.plot(
+            ts, ev.values("accuracy", name).tolist(), marker="o", ms=3, color=color, label=label
+        )
         if "robust_accuracy" in ev.results[name]:
-            ax_acc.plot(ts, ev.values("robust_accuracy", name).tolist(), ls="--", color=color,
-                        label=f"{label} (robust)")
+            ax_acc.plot(
+                ts,
+                ev.values("robust_accuracy", name).tolist(),
+                ls="--",
+                color=color,
+                label=f"{label} (robust)",
+            )
     split_name = split or next(iter(evaluations.values())).primary
     ax_loss.set(xlabel="t", ylabel=f"loss ({split_name})", title="loss along the path")
     ax_acc.set(xlabel="t", ylabel=f"accuracy ({split_name})", title="accuracy along the path")

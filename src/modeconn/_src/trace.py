@@ -103,7 +103,8 @@ class Trace:
     gm: fx.GraphModule
     values: dict[fx.Node, Any]
     opaque: set[str] = field(default_factory=set)  # module paths traced as unknown leaves
-    input_names: tuple[str, ...] = ()
+    root: nn.Module | None = None  # the traced module: the model, or a wrapper around it
+    prefix: str = ""  # "model." when the model was traced through a wrapper
 
 
 class _ValueProxy(fx.Proxy):
@@ -114,9 +115,6 @@ class _ValueProxy(fx.Proxy):
 
     def __len__(self) -> int:
         return len(self._value())
-
-    def __index__(self) -> int:
-        return int(self._value())
 
     def __int__(self) -> int:
         return int(self._value())
@@ -131,7 +129,8 @@ def _to_value(tracer: _Tracer, a: Any) -> Any:
 
 class _Tracer(fx.Tracer):
     def __init__(self, inputs: dict[str, Any], leaf_types: tuple[type, ...], leaf_paths: set[str]):
-        super().__init__(autowrap_modules=(__import__("math"),), param_shapes_constant=True)
+        super().__init__(autowrap_modules=(__import__("math"),), param_shapes_constant=False)
+        self.proxy_buffer_attributes = True  # buffers become graph nodes like parameters
         self.inputs = inputs
         self.leaf_types = leaf_types
         self.leaf_paths = leaf_paths
@@ -163,6 +162,19 @@ class _Tracer(fx.Tracer):
         return super().getattr(attr, attr_val, parameter_proxy_cache)
 
     # --- proxies that carry example values -----------------------------------------------------
+    def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):  # noqa: ANN001, ANN201
+        node = super().create_node(kind, target, args, kwargs, name, type_expr)
+        if kind == "get_attr" and node not in self.values:  # parameters, buffers, constants
+            was, self.computing = self.computing, True  # plain attribute access, no proxies
+            try:
+                v: Any = self.root
+                for part in str(target).split("."):
+                    v = getattr(v, part)
+            finally:
+                self.computing = was
+            self.values[node] = v
+        return node
+
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _ValueProxy(node, self)
 
@@ -209,28 +221,43 @@ class _Tracer(fx.Tracer):
         return self.values[obj.node].keys()
 
 
+def call_args(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """``(args, kwargs)`` to call a model with: a dict is keywords, a tuple/list positional."""
+    if isinstance(example_inputs, dict):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, tuple | list):
+        return tuple(example_inputs), {}
+    return (example_inputs,), {}
+
+
+def _make_wrapper(model: nn.Module, n_args: int, kw_names: list[str]) -> nn.Module:
+    """A module with a plain forward(input_0, ..., name, ...) calling ``model`` (fx cannot trace
+    a forward with ``*args``/``**kwargs`` directly)."""
+    for k in kw_names:
+        if not k.isidentifier():
+            raise SpecError(f"example input name {k!r} is not a Python identifier")
+    pos = [f"input_{i}" for i in range(n_args)]
+    params = ", ".join(["self", *pos, *kw_names])
+    call = ", ".join([*pos, *(f"{k}={k}" for k in kw_names)])
+    ns: dict[str, Any] = {}
+    exec(f"def forward({params}):\n    return self.model({call})\n", ns)  # noqa: S102
+
+    class _Wrapper(nn.Module):
+        forward = ns["forward"]
+
+    w = _Wrapper()
+    w.model = model
+    return w
+
+
 def bind_inputs(model: nn.Module, example_inputs: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """Map example inputs onto ``model.forward``'s parameters.
 
     Returns:
         ``(inputs, concrete)``: the traced arguments by name, and the defaults of the others.
     """
-    if isinstance(example_inputs, dict):
-        args, kwargs = (), dict(example_inputs)
-    elif isinstance(example_inputs, tuple | list):
-        args, kwargs = tuple(example_inputs), {}
-    else:
-        args, kwargs = (example_inputs,), {}
+    args, kwargs = call_args(example_inputs)
     sig = inspect.signature(model.forward)
-    for p in sig.parameters.values():
-        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and (
-            p.kind == p.VAR_KEYWORD and set(kwargs) - set(sig.parameters) or p.kind == p.VAR_POSITIONAL
-        ):
-            raise SpecError(
-                f"{type(model).__name__}.forward takes *args/**kwargs, which modeconn cannot trace; "
-                "wrap the model in a module with named forward arguments, or write the spec by hand "
-                "with PermutationSpec.from_axes(...)"
-            )
     try:
         bound = sig.bind(*args, **kwargs)
     except TypeError as e:
@@ -242,6 +269,52 @@ def bind_inputs(model: nn.Module, example_inputs: Any) -> tuple[dict[str, Any], 
         if n not in inputs and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
     }
     return inputs, concrete
+
+
+def traced_root(model: nn.Module, example_inputs: Any) -> tuple[nn.Module, str, dict[str, Any], dict[str, Any]]:
+    """The module to trace, its parameter-path prefix, the inputs by name, the concrete args."""
+    sig = inspect.signature(model.forward)
+    if "use_cache" in sig.parameters and isinstance(example_inputs, dict):
+        # Hugging Face models: a key/value cache object is runtime state, not part of the function
+        example_inputs = {"use_cache": False, **example_inputs}
+    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in sig.parameters.values()):
+        args, kwargs = call_args(example_inputs)
+        try:
+            sig.bind(*args, **kwargs)
+        except TypeError as e:
+            raise SpecError(f"example inputs do not fit {type(model).__name__}.forward: {e}") from e
+        root = _make_wrapper(model, len(args), list(kwargs))
+        names = [f"input_{i}" for i in range(len(args))] + list(kwargs)
+        return root, "model.", dict(zip(names, [*args, *kwargs.values()], strict=True)), {}
+    inputs, concrete = bind_inputs(model, example_inputs)
+    return model, "", inputs, concrete
+
+
+class _FunctionApply:
+    """Graph target for a custom ``torch.autograd.Function``: ``Fn.apply(*args)`` as one opaque op."""
+
+    def __init__(self, fn: type) -> None:
+        self.fn = fn
+        self.__name__ = f"{fn.__name__}_apply"
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn.apply(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"{self.fn.__qualname__}.apply"
+
+
+def _patch_autograd_function(tracer: _Tracer) -> Any:
+    orig = torch.autograd.Function.__dict__["apply"]
+
+    def apply(cls: type, *args: Any, **kwargs: Any) -> Any:
+        has_proxy = any(isinstance(a, fx.Proxy) for a in (*args, *kwargs.values()))
+        if has_proxy and not tracer.computing:
+            return tracer.create_proxy("call_function", _FunctionApply(cls), args, kwargs)
+        return orig.__func__(cls, *args, **kwargs)
+
+    torch.autograd.Function.apply = classmethod(apply)  # type: ignore[method-assign, assignment]
+    return orig
 
 
 def trace_model(
@@ -266,24 +339,27 @@ def trace_model(
         >>> [n.op for n in t.gm.graph.nodes]
         ['placeholder', 'call_module', 'call_module', 'output']
     """
-    inputs, concrete = bind_inputs(model, example_inputs)
+    root, prefix, inputs, concrete = traced_root(model, example_inputs)
     types = list(KNOWN_LEAVES)
     paths: set[str] = set()
     for lm in leaf_modules or ():
         if isinstance(lm, str):
-            paths.add(lm)
+            paths.add(prefix + lm)
         elif isinstance(lm, type):
             types.append(lm)
         else:
             raise SpecError(f"leaf_modules entries must be module types or dotted paths, got {lm!r}")
     opaque: set[str] = set(paths)
     modes = {m: m.training for m in model.modules()}
+    attrs = set(root.__dict__)
     model.eval()
     try:
         for _ in range(len(modes) + 1):
             tracer = _Tracer(inputs, tuple(types), paths)
+            orig_apply = _patch_autograd_function(tracer)
             try:
-                graph = tracer.trace(model, concrete_args=concrete or None)
+                graph = tracer.trace(root, concrete_args=concrete or None)
+                gm = fx.GraphModule(root, graph)
             except Exception as e:
                 path = tracer.failed_path
                 if not path:
@@ -294,16 +370,22 @@ def trace_model(
                 import warnings
 
                 warnings.warn(
-                    f"modeconn: module {path!r} ({type(model.get_submodule(path)).__name__}) cannot "
-                    f"be traced ({type(tracer.failed_error).__name__}: {tracer.failed_error}); "
+                    f"modeconn: module {path[len(prefix):]!r} "
+                    f"({type(root.get_submodule(path)).__name__}) cannot be traced "
+                    f"({type(tracer.failed_error).__name__}: {tracer.failed_error}); "
                     "its inputs and outputs are not permuted",
                     stacklevel=3,
                 )
                 paths.add(path)
                 opaque.add(path)
                 continue
-            gm = fx.GraphModule(model, graph)
-            return Trace(gm, tracer.values, opaque, tuple(inputs))
+            finally:
+                torch.autograd.Function.apply = orig_apply  # type: ignore[method-assign]
+                for name in set(root.__dict__) - attrs:  # fx parks tensor constants on the root
+                    delattr(root, name)
+                for name in [n for n in root._buffers if n.startswith("_tensor_constant")]:
+                    del root._buffers[name]
+            return Trace(gm, tracer.values, opaque, root, prefix)
         raise SpecError(f"cannot trace {type(model).__name__}; write the spec by hand")
     finally:
         for m, t in modes.items():

@@ -170,8 +170,8 @@ def train(
                     loss = F.cross_entropy(out, y)
                     if not torch.isfinite(loss):
                         raise DivergedError(
-                            f"training diverged at epoch {epoch + 1} (loss {float(loss)}); "
-                            "lower the learning rate"
+                            f"training diverged at epoch {epoch + 1} "
+                            f"(loss {float(loss.detach())}); lower the learning rate"
                         )
                     opt.zero_grad(set_to_none=True)
                     loss.backward()

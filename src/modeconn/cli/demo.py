@@ -18,13 +18,19 @@ def command(
     cache: Annotated[
         bool, typer.Option("--cache/--no-cache", help="Reuse endpoints trained earlier.")
     ] = True,
+    threads: Annotated[
+        int, typer.Option(help="torch CPU threads (the demo's models are tiny: 1 is fastest).")
+    ] = 1,
     device: DeviceOpt = None,
     json_path: JsonOpt = None,
     progress: ProgressOpt = True,
 ) -> None:
-    """Train two MLPs on MNIST-1D that differ only in seed (or reuse them from the cache),
-    evaluate the straight line between them, print the loss/accuracy table and the loss and
-    error barriers, and write report/ (report.json, path.png, the two endpoints)."""
+    """The end-to-end run: two MNIST-1D MLPs differing only in seed, and the line between them.
+
+    Trains the two endpoints (or reuses them from the cache), evaluates the straight line between
+    them at --points values of t, prints the loss/accuracy table and the loss and error barriers,
+    and writes the report folder (report.json, path.png, the two endpoints).
+    """
     from .._src.demo import DemoConfig, run_demo
     from .._src.errors import ConfigError
 
@@ -32,8 +38,11 @@ def command(
         raise ConfigError(f"--out {str(out)!r} is a file; give a folder for the report")
     if json_path is not None:
         check_out_path(json_path)
-    if epochs < 1 or points < 2:
-        raise ConfigError("--epochs must be >= 1 and --points >= 2")
+    if epochs < 1 or points < 2 or threads < 1:
+        raise ConfigError("--epochs and --threads must be >= 1 and --points >= 2")
+    import torch
+
+    torch.set_num_threads(threads)
     cfg = DemoConfig(
         epochs=epochs,
         points=points,

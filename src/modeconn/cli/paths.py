@@ -1,4 +1,4 @@
-"""``modeconn interpolate | curve | evaluate``: paths between two checkpoints, their loss/accuracy."""
+"""``modeconn interpolate | curve | evaluate``: paths between two checkpoints and their metrics."""
 
 from __future__ import annotations
 
@@ -43,24 +43,40 @@ def _pgd(eps: float, step: float | None, steps: int) -> dict[str, Any] | None:
     return PGDConfig.coerce({"eps": eps, "step": step or eps / 4, "steps": steps}).model_dump()
 
 
-def _evaluate(net: Any, path: Any, splits: Any, points: int, robust: Any, device: Any,
-              progress: bool) -> Any:
+def _evaluate(
+    net: Any, path: Any, splits: Any, points: int, robust: Any, device: Any, progress: bool
+) -> Any:
     import modeconn as mc
 
     if points < 2:
         from modeconn._src.errors import ConfigError
 
         raise ConfigError(f"--points must be >= 2, got {points}")
-    return mc.evaluate_path(net, path, {"train": splits.train, "test": splits.test}, ts=points,
-                            bn_data=splits.train, robust=robust, device=device, progress=progress)
+    return mc.evaluate_path(
+        net,
+        path,
+        {"train": splits.train, "test": splits.test},
+        ts=points,
+        bn_data=splits.train,
+        robust=robust,
+        device=device,
+        progress=progress,
+    )
 
 
 def _summary_rows(evaluations: dict[str, Any]) -> list[list[Any]]:
     rows = []
     for label, ev in evaluations.items():
         acc = ev.summary("accuracy", "test")
-        row = [label, ev.barrier("loss", "train"), ev.barrier("error", "test"),
-               ev.summary("loss", "train")["max"], acc["min"], acc["mean"], acc["arc_mean"]]
+        row = [
+            label,
+            ev.barrier("loss", "train"),
+            ev.barrier("error", "test"),
+            ev.summary("loss", "train")["max"],
+            acc["min"],
+            acc["mean"],
+            acc["arc_mean"],
+        ]
         if "robust_accuracy" in ev.results["test"]:
             row.append(ev.summary("robust_accuracy", "test")["mean"])
         rows.append(row)
@@ -68,16 +84,26 @@ def _summary_rows(evaluations: dict[str, Any]) -> list[list[Any]]:
 
 
 def _print_summary(title: str, evaluations: dict[str, Any]) -> None:
-    cols = ["path", "loss barrier (train)", "error barrier (test)", "max train loss",
-            "min test acc", "mean test acc", "arc-mean test acc"]
+    cols = ["path", "loss barrier", "error barrier", "max loss", "min acc", "mean acc", "arc acc"]
     if any("robust_accuracy" in ev.results["test"] for ev in evaluations.values()):
-        cols.append("mean robust acc")
-    print_table(title, cols, _summary_rows(evaluations))
+        cols.append("robust acc")
+    print_table(
+        f"{title} (loss: train split; error, accuracy: test split)",
+        cols,
+        _summary_rows(evaluations),
+    )
 
 
 def _print_per_t(ev: Any) -> None:
-    rows = [[f"{t:.3f}", ev.values("loss", "train")[i].item(), ev.values("loss", "test")[i].item(),
-             ev.values("accuracy", "test")[i].item()] for i, t in enumerate(ev.ts.tolist())]
+    rows = [
+        [
+            f"{t:.3f}",
+            ev.values("loss", "train")[i].item(),
+            ev.values("loss", "test")[i].item(),
+            ev.values("accuracy", "test")[i].item(),
+        ]
+        for i, t in enumerate(ev.ts.tolist())
+    ]
     print_table("along the path", ["t", "train loss", "test loss", "test accuracy"], rows)
 
 
@@ -126,7 +152,7 @@ def interpolate(
         net_b = mc.align(net_a, net_b, method=align, data=splits.train, seed=seed)
     path = mc.LinearPath(net_a.state_dict(), net_b.state_dict())
     ev = _evaluate(net_a, path, splits, points, robust, device, progress)
-    label = "linear" + (f" ({align}-aligned)" if align else "")
+    label = f"linear+{align}" if align else "linear"
     _print_per_t(ev)
     _print_summary(f"linear path {model_a.name} -> {model_b.name}", {label: ev})
     if plot is not None:
@@ -135,8 +161,10 @@ def interpolate(
         plot_paths({label: ev}, plot, split="test", title=f"{model_a.name} -> {model_b.name}")
         console.print(f"wrote {plot}")
     if json_path is not None:
-        write_json(json_path, {"a": str(model_a), "b": str(model_b), "align": align,
-                               "evaluation": ev.to_dict()})
+        write_json(
+            json_path,
+            {"a": str(model_a), "b": str(model_b), "align": align, "evaluation": ev.to_dict()},
+        )
 
 
 def curve(
@@ -150,7 +178,9 @@ def curve(
         str | None, typer.Option("--align", help="Permute B first: weight, activation or pam.")
     ] = None,
     epochs: Annotated[int, typer.Option("--epochs", help="Curve-training epochs.")] = 20,
-    lr: Annotated[float, typer.Option("--lr", help="Base learning rate (Garipov schedule).")] = 0.05,
+    lr: Annotated[
+        float, typer.Option("--lr", help="Base learning rate (Garipov schedule).")
+    ] = 0.05,
     wd: Annotated[float, typer.Option("--wd", help="L2 coefficient on θ(t).")] = 5e-4,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Minibatch size.")] = 128,
     resume: Annotated[
@@ -202,15 +232,36 @@ def curve(
         cfg = dict(robust or {})
 
         def transform(model_fn: Any, x: Any, y: Any) -> Any:
-            return mc.pgd_attack(model_fn, x, y, eps=cfg["eps"], step=cfg["step"],
-                                 steps=cfg["steps"], random_start=cfg["random_start"])
+            return mc.pgd_attack(
+                model_fn,
+                x,
+                y,
+                eps=cfg["eps"],
+                step=cfg["step"],
+                steps=cfg["steps"],
+                random_start=cfg["random_start"],
+            )
 
     if resume and (out / "fit_state.pt").is_file():
         console.print(f"resuming from {out / 'fit_state.pt'}")
-    path = mc.fit_curve(net_a, net_b, splits, kind=kind, bends=bends, align=align, epochs=epochs,
-                        lr=lr, wd=wd, batch_size=batch_size, seed=seed, device=device,
-                        checkpoint_dir=out, resume=resume, progress=progress,
-                        input_transform=transform)
+    path = mc.fit_curve(
+        net_a,
+        net_b,
+        splits,
+        kind=kind,
+        bends=bends,
+        align=align,
+        epochs=epochs,
+        lr=lr,
+        wd=wd,
+        batch_size=batch_size,
+        seed=seed,
+        device=device,
+        checkpoint_dir=out,
+        resume=resume,
+        progress=progress,
+        input_transform=transform,
+    )
     source = data or (getattr(net_a, "modeconn_meta", None) or {}).get("data") or splits.name
     path.meta.update(data=source, endpoints=[str(model_a), str(model_b)])
     file = path.save(out / PATH_FILENAME)
@@ -218,21 +269,25 @@ def curve(
     ends = path.points
     line = mc.LinearPath(ends[0], ends[-1])
     ev_line = _evaluate(net_a, line, splits, points, robust, device, progress)
-    label = f"{kind} ({align}-aligned)" if align else kind
-    lin_label = f"linear ({align}-aligned)" if align else "linear"
+    label = f"{kind}+{align}" if align else kind
+    lin_label = f"linear+{align}" if align else "linear"
     evaluations = {lin_label: ev_line, label: ev}
     _print_summary(f"{kind} curve with {bends} bend(s), {epochs} epochs", evaluations)
     result = {"curve": ev.to_dict(), "linear": ev_line.to_dict(), "settings": path.meta}
     write_json(out / EVAL_FILE, result)
-    plot_paths(evaluations, out / PLOT_FILE, split="test",
-               title=f"{model_a.name} -> {model_b.name}")
+    plot_paths(
+        evaluations, out / PLOT_FILE, split="test", title=f"{model_a.name} -> {model_b.name}"
+    )
     console.print(f"wrote {file}, {out / EVAL_FILE}, {out / PLOT_FILE}")
     if json_path is not None:
         write_json(json_path, result)
 
 
 def evaluate(
-    path_dir: Annotated[Path, typer.Argument(help="Folder written by `modeconn curve` (or a .safetensors path file).")],
+    path_dir: Annotated[
+        Path,
+        typer.Argument(help="Folder written by `modeconn curve` (or a .safetensors path file)."),
+    ],
     data: DataOpt = None,
     points: PointsOpt = 25,
     plot: PlotOpt = None,
@@ -264,7 +319,7 @@ def evaluate(
     splits = load_data_arg(data, net)
     ev = _evaluate(net, path, splits, points, robust, device, progress)
     _print_per_t(ev)
-    label = f"{path.kind} ({path.num_points} points)"
+    label = f"{path.kind}/{path.num_points}"
     _print_summary(f"path {path_dir}", {label: ev})
     if plot is not None:
         from modeconn._src.report import plot_paths

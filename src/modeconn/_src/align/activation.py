@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -73,6 +74,14 @@ class StreamingCorrelation:
         self.sq_b += (b * b).sum(0)
         self.cross += a.T @ b
 
+    def stds(self) -> tuple[Tensor, Tensor]:
+        """Population standard deviations of A's and B's units."""
+        n = max(self.count, 1)
+        ma, mb = self.sum_a / n, self.sum_b / n
+        sa = (self.sq_a / n - ma * ma).clamp_min(0).sqrt()
+        sb = (self.sq_b / n - mb * mb).clamp_min(0).sqrt()
+        return sa, sb
+
     def correlation(self, eps: float = _EPS) -> Tensor:
         """``(E[ab] - E[a]E[b]) / ((std_a + eps)(std_b + eps))``, shape ``(n_a, n_b)``, float64."""
         if self.count == 0:
@@ -80,8 +89,7 @@ class StreamingCorrelation:
         n = self.count
         ma, mb = self.sum_a / n, self.sum_b / n
         cov = self.cross / n - torch.outer(ma, mb)
-        sa = (self.sq_a / n - ma * ma).clamp_min(0).sqrt()
-        sb = (self.sq_b / n - mb * mb).clamp_min(0).sqrt()
+        sa, sb = self.stds()
         return cov / torch.outer(sa + eps, sb + eps)
 
 
@@ -141,9 +149,9 @@ def _correlations(
     eps: float,
     advance: Any,
     state_b: dict[str, Tensor] | None = None,
-) -> dict[str, Tensor]:
+) -> dict[str, _GroupStats]:
     """Summed site correlations ``{group: (n, n)}`` for ``groups`` over one pass of the data
-    (B run with ``state_b`` instead of its own weights if given)."""
+    (B run with ``state_b`` instead of its own weights if given), with constant-unit masks."""
     stats: dict[tuple[str, int], StreamingCorrelation] = {}
     nodes = list(dict.fromkeys(s.node for g in groups for s in spec.sites[g]))
     with torch.no_grad():
@@ -163,16 +171,68 @@ def _correlations(
                         stats[key] = StreamingCorrelation(n, n, dev)
                     stats[key].update(ua, ub)
             advance(None)
-    out: dict[str, Tensor] = {}
+    out: dict[str, _GroupStats] = {}
     for g in groups:
         size = spec.groups[g]
         corr = torch.zeros(size, size, dtype=torch.float64)
+        spread_a = torch.zeros(size, dtype=torch.float64)
+        spread_b = torch.zeros(size, dtype=torch.float64)
         for j, site in enumerate(spec.sites[g]):
             lo = site.unit_start
-            c = stats[(g, j)].correlation(eps).cpu().double()
+            st = stats[(g, j)]
+            c = st.correlation(eps).cpu().double()
             corr[lo : lo + c.shape[0], lo : lo + c.shape[1]] += c
-        out[g] = corr
+            sa, sb = st.stds()
+            spread_a[lo : lo + c.shape[0]] += sa.cpu().double()
+            spread_b[lo : lo + c.shape[1]] += sb.cpu().double()
+        out[g] = _GroupStats(corr, _constant(spread_a), _constant(spread_b))
     return out
+
+
+@dataclass
+class _GroupStats:
+    corr: Tensor  # (n, n) summed site correlations
+    const_a: Tensor  # (n,) bool: A's unit is constant over the data at every site (dead ReLU)
+    const_b: Tensor
+
+
+def _constant(spread: Tensor) -> Tensor:
+    return spread <= 1e-7 * float(spread.max().clamp_min(1e-30))
+
+
+def _rematch_constant_units(
+    spec: PermutationSpec,
+    perm: Permutation,
+    stats: Mapping[str, _GroupStats],
+    state_a: Mapping[str, Tensor],
+    state_b: Mapping[str, Tensor],
+) -> dict[str, int]:
+    """Pair units that are constant in both nets (no correlation to go by) by their weights.
+
+    Positions ``i`` whose A unit and assigned B unit are both constant over the data are tied
+    in correlation (all zero); among them, the assignment maximising the weight-matching score
+    ``C_g`` (Ainsworth et al. 2023, other groups held at ``perm``) is taken. Returns the number of
+    units re-paired per group. Attention groups are left as they are (head structure).
+    """
+    from .weight import _Problem
+
+    todo = {}
+    for g, st in stats.items():
+        if g in spec.heads or not spec.slots.get(g):
+            continue
+        rows = torch.nonzero(st.const_a & st.const_b[perm[g]]).flatten()
+        if len(rows) > 1:
+            todo[g] = rows
+    if not todo:
+        return {}
+    prob = _Problem(spec, state_a, state_b, torch.device("cpu"), torch.float64)
+    for g, rows in todo.items():
+        cols = perm[g][rows]
+        c = prob.cost(g, perm)[rows][:, cols]
+        perm[g] = perm[g].clone()
+        perm[g][rows] = cols[solve_assignment(c)]
+        prob.invalidate(g)
+    return {g: len(r) for g, r in todo.items()}
 
 
 def activation_matching(
@@ -204,7 +264,10 @@ def activation_matching(
     permutation for the stream). Each group's permutation maximises ``sum_i corr_g[i, pi(i)]``
     (Hungarian; the seed code's ``linear_sum_assignment(1.01 - corr)``; heads-structured for
     attention groups). Groups without a site (e.g. ones only weights can see) fall back to
-    weight matching (Ainsworth et al. 2023) with the matched groups held fixed.
+    weight matching (Ainsworth et al. 2023) with the matched groups held fixed. Units constant
+    over the data in both nets (dead ReLUs) correlate with nothing, so every pairing among them
+    ties; those ties are broken by the weight-matching score (documented deviation from the seed
+    code, which leaves them to the solver's arbitrary order).
 
     ``layerwise=True`` is REPAIR's formulation (Jordan et al., ICLR 2023): groups in spec
     (forward) order, each measured in its own pass with B already permuted for the earlier
@@ -231,7 +294,7 @@ def activation_matching(
     Returns:
         A :class:`Permutation` mapping B onto A; ``info`` has ``mean_corr_before`` and
         ``mean_corr_after`` (mean diagonal correlation per group), ``weight_groups`` (groups
-        aligned by the weight fallback) and ``samples``.
+        aligned by the weight fallback) and ``constant_units_rematched`` (per group).
 
     Example:
         >>> import torch, modeconn as mc
@@ -276,41 +339,43 @@ def activation_matching(
                 return _batches(ma, m_b, data, max_batches, dev, pgd, adversarial_against, seed)
 
             if not layerwise:
-                corrs = _correlations(ma, mb, spec, site_groups, batches(mb), dev, eps, advance)
+                stats = _correlations(ma, mb, spec, site_groups, batches(mb), dev, eps, advance)
                 perm = identity_permutation(spec)
                 for g in site_groups:
-                    perm[g] = solve_assignment(corrs[g], spec.heads.get(g))
+                    perm[g] = solve_assignment(stats[g].corr, spec.heads.get(g))
             else:
                 perm = identity_permutation(spec)
-                corrs = {}
+                stats = {}
                 for g in site_groups:
                     st = apply_permutation(spec, perm, state_b)  # B permuted for earlier groups
                     mb_g = with_state(mb, st).eval() if pgd is not None else mb
-                    c = _correlations(
+                    stats[g] = _correlations(
                         ma, mb, spec, [g], batches(mb_g), dev, eps, advance, state_b=st
                     )[g]
-                    corrs[g] = c
-                    perm[g] = solve_assignment(c, spec.heads.get(g))
+                    perm[g] = solve_assignment(stats[g].corr, spec.heads.get(g))
     finally:
         model_a.train(modes[0])
         model_b.train(modes[1])
 
+    sa_cpu = {k: v.detach().cpu() for k, v in model_a.state_dict().items()}
+    sb_cpu = {k: v.detach().cpu() for k, v in model_b.state_dict().items()}
+    rematched = _rematch_constant_units(spec, perm, stats, sa_cpu, sb_cpu)
     rest = [g for g in spec.groups if g not in site_groups and spec.slots.get(g)]
     if rest:
         from .weight import weight_matching
 
-        partial = apply_permutation(spec, perm, model_b.state_dict())
+        partial = apply_permutation(spec, perm, sb_cpu)
         sub = PermutationSpec(
             groups={g: spec.groups[g] for g in rest},
             slots={g: spec.slots[g] for g in rest},
             heads={g: h for g, h in spec.heads.items() if g in rest},
         )
-        wm = weight_matching(sub, model_a.state_dict(), partial, seed=seed)
+        wm = weight_matching(sub, sa_cpu, partial, seed=seed)
         perm.update({g: wm[g] for g in rest})
 
-    before = {g: float(torch.diagonal(c).mean()) for g, c in corrs.items()}
+    before = {g: float(torch.diagonal(st.corr).mean()) for g, st in stats.items()}
     after = {
-        g: float(c[torch.arange(c.shape[0]), perm[g]].mean()) for g, c in corrs.items()
+        g: float(st.corr[torch.arange(len(st.corr)), perm[g]].mean()) for g, st in stats.items()
     }
     return Permutation(
         perm,
@@ -321,6 +386,7 @@ def activation_matching(
             "mean_corr_before": before,
             "mean_corr_after": after,
             "weight_groups": rest,
+            "constant_units_rematched": rematched,
         },
     )
 

@@ -30,12 +30,12 @@ def sinkhorn(log_alpha: Tensor, n_iter: int = 20, tau: float = 1.0) -> Tensor:
     equal to ``-inf`` stay exactly zero.
 
     Args:
-        log_alpha: ``(n, n)`` real matrix.
+        log_alpha: ``(n, n)`` real matrix, or a batch ``(..., n, n)``.
         n_iter: normalisation rounds.
         tau: temperature (smaller: closer to a permutation matrix).
 
     Returns:
-        ``(n, n)`` matrix with rows and columns summing to (nearly) one.
+        Matrices of the same shape with rows and columns summing to (nearly) one.
 
     Example:
         >>> s = sinkhorn(torch.randn(4, 4))
@@ -44,8 +44,8 @@ def sinkhorn(log_alpha: Tensor, n_iter: int = 20, tau: float = 1.0) -> Tensor:
     """
     log = log_alpha / tau
     for _ in range(n_iter):
-        log = log - torch.logsumexp(log, dim=1, keepdim=True)
-        log = log - torch.logsumexp(log, dim=0, keepdim=True)
+        log = log - torch.logsumexp(log, dim=-1, keepdim=True)
+        log = log - torch.logsumexp(log, dim=-2, keepdim=True)
     return log.exp()
 
 
@@ -210,23 +210,32 @@ def sinkhorn_matching(
     state_a = {k: v.detach().to(dev) for k, v in state_a0.items()}
     state_b = {k: v.detach().to(dev) for k, v in state_b0.items()}
 
+    # one real matrix per group; groups of one size are stacked so Sinkhorn runs batched
     gen = torch.Generator().manual_seed(seed)
-    matrices: dict[str, Tensor] = {}
-    masks: dict[str, Tensor] = {}
+    inits: dict[str, Tensor] = {
+        g: torch.eye(n) + noise * torch.randn(n, n, generator=gen) for g, n in spec.groups.items()
+    }
+    buckets: dict[int, list[str]] = {}
     for g, n in spec.groups.items():
-        init = torch.eye(n) + noise * torch.randn(n, n, generator=gen)
-        matrices[g] = init.to(dev).requires_grad_(True)
-        mask = _unit_mask(spec, g)
-        if mask is not None:
-            masks[g] = mask.to(dev)
-    opt = torch.optim.Adam(list(matrices.values()), lr=lr)
+        buckets.setdefault(n, []).append(g)
+    stacks: dict[int, Tensor] = {}
+    masks: dict[int, Tensor] = {}
+    for n, names in buckets.items():
+        stacks[n] = torch.stack([inits[g] for g in names]).to(dev).requires_grad_(True)
+        unit_masks = [_unit_mask(spec, g) for g in names]
+        if any(m is not None for m in unit_masks):
+            full = torch.ones(n, n, dtype=torch.bool)
+            masks[n] = torch.stack([full if m is None else m for m in unit_masks]).to(dev)
+    opt = torch.optim.Adam(list(stacks.values()), lr=lr)
 
     def soft_perms() -> dict[str, Tensor]:
         out = {}
-        for g, m in matrices.items():
-            if g in masks:
-                m = m.masked_fill(~masks[g], float("-inf"))
-            out[g] = sinkhorn(m, n_iter, tau)
+        for n, names in buckets.items():
+            m = stacks[n]
+            if n in masks:
+                m = m.masked_fill(~masks[n], float("-inf"))
+            soft = sinkhorn(m, n_iter, tau)
+            out.update(zip(names, soft.unbind(0), strict=True))
         return out
 
     touched = [k for k in sorted(spec.params()) if state_a[k].is_floating_point()]
@@ -281,11 +290,12 @@ def sinkhorn_matching(
 
     perm = Permutation()
     with torch.no_grad():
-        for g, m in matrices.items():
-            score = m.detach()
-            if g in masks:
-                score = score.masked_fill(~masks[g], -1e9 * (1 + score.abs().max()))
-            perm[g] = solve_assignment(score, spec.heads.get(g))
+        for n, names in buckets.items():
+            for i, g in enumerate(names):
+                score = stacks[n][i].detach()
+                if n in masks:
+                    score = score.masked_fill(~masks[n][i], -1e9 * (1 + score.abs().max()))
+                perm[g] = solve_assignment(score, spec.heads.get(g))
         hard = apply_permutation(spec, perm, state_b)
         final = float(weight_distance(hard))
     perm.info = {

@@ -123,7 +123,7 @@ def merge(
         raise ConfigError("states must be a list of state dicts (or modules), one per model")
     sts = [_as_state(s, f"model {i}") for i, s in enumerate(states)]
     n = len(sts)
-    _check_count(m, n)
+    m.check_count(n)
     p = m.parameters(**params)
     w = _check_weights(m, weights, n)
     base_state = _as_state(base, "base") if base is not None else None
@@ -185,15 +185,6 @@ def merge(
         merged = _renormalize(merged, sts, m, p, w, model, bn_data if bn_data is not None else data,
                               repair, dev, progress, info)
     return MergedState({k: v.to(out_device) for k, v in merged.items()}, info=info)
-
-
-def _check_count(m: MergeMethod, n: int) -> None:
-    if n < max(1, m.min_models):
-        raise ConfigError(
-            f"method {m.name!r} needs at least {max(1, m.min_models)} models, got {n}"
-        )
-    if m.max_models is not None and n > m.max_models:
-        raise ConfigError(f"method {m.name!r} merges at most {m.max_models} models, got {n}")
 
 
 def _check_weights(m: MergeMethod, weights: Sequence[float] | None, n: int) -> list[float] | None:

@@ -124,6 +124,19 @@ class MergeMethod(ABC):
         self.summary = summary or (type(self).__doc__ or "").strip().splitlines()[0]
         self.identity_params = dict(identity_params or {})
 
+    def check_count(self, n: int) -> None:
+        """Raise ConfigError unless this method can merge ``n`` models."""
+        lo, hi = max(1, self.min_models), self.max_models
+        if lo <= n and (hi is None or n <= hi):
+            return
+        if hi == lo:
+            need = f"exactly {lo}"
+        elif hi is None:
+            need = f"at least {lo}"
+        else:
+            need = f"{lo} to {hi}"
+        raise ConfigError(f"method {self.name!r} merges {need} models, got {n}")
+
     def parameters(self, **params: Any) -> Params:
         """Validate ``params`` against :attr:`Params`; bad ones raise a one-line ConfigError."""
         try:

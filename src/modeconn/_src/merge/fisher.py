@@ -54,9 +54,10 @@ def diagonal_fisher(
     exact:      ``F = 1/n sum_x sum_y p(y|x) (d/dtheta log p(y|x))^2``
     empirical:  ``F = 1/n sum_(x, y) (d/dtheta log p(y|x))^2`` with the data's labels.
 
-    Per-example gradients come from ``torch.func`` (``vmap`` of ``grad`` over the batch, model in
-    eval mode, so BatchNorm uses its running statistics); models ``vmap`` cannot handle fall back
-    to one backward pass per example. Computed in float32 (float64 for float64 models).
+    Per-example gradients come from ``torch.func`` (``vmap`` of ``grad`` over (example, label)
+    rows, about 2**24 gradient numbers at a time; model in eval mode, so BatchNorm uses its
+    running statistics); models ``vmap`` cannot handle fall back to one backward pass per row.
+    Computed in float32 (float64 for float64 models).
 
     Args:
         model: the network (not modified).
@@ -95,6 +96,8 @@ def diagonal_fisher(
     def one_logp(p: dict[str, Tensor], x: Tensor, onehot: Tensor) -> Tensor:
         return (log_probs(p, x.unsqueeze(0)).squeeze(0) * onehot).sum()
 
+    # rows of per-example gradients held at once: about 2**24 numbers (64 MB in float32)
+    chunk = max(1, 2**24 // max(1, sum(v.numel() for v in params.values())))
     n = 0
     with progress_bar(progress, total=n_batches(data, batch_size, n_examples),
                       description="Fisher") as advance:
@@ -104,17 +107,17 @@ def diagonal_fisher(
                 probs = log_probs(params, x).exp()
             n_classes = probs.shape[-1]
             if fisher == "empirical":
-                terms = [(F.one_hot(y.long(), n_classes).to(dt), None)]
-            else:
-                eye = torch.eye(n_classes, dtype=dt, device=dev)
-                terms = [(eye[c].expand(len(x), n_classes), probs[:, c]) for c in range(n_classes)]
-            for onehot, weight in terms:
-                grads = _per_example_grads(one_logp, params, x, onehot)
+                xs, onehots = x, F.one_hot(y.long(), n_classes).to(dt)
+                coef = torch.ones(len(x), dtype=dt, device=dev)
+            else:  # one (example, label) pair per row, weighted by p(label | example)
+                xs = x.repeat_interleave(n_classes, 0)
+                onehots = torch.eye(n_classes, dtype=dt, device=dev).repeat(len(x), 1)
+                coef = probs.reshape(-1)
+            for s in range(0, len(xs), chunk):
+                grads = _per_example_grads(one_logp, params, xs[s : s + chunk],
+                                           onehots[s : s + chunk])
                 for k, g in grads.items():
-                    g2 = g.pow(2)
-                    if weight is not None:
-                        g2 = g2 * weight.view(-1, *([1] * (g2.dim() - 1)))
-                    total[k] += g2.sum(0)
+                    total[k] += torch.tensordot(coef[s : s + chunk], g.pow(2), dims=1)
             n += len(x)
             advance(None)
     if n == 0:

@@ -106,12 +106,7 @@ class MergeRecipe(_Frozen):
             raise ConfigError("give a weight for every model or for none")
         if any(given) and not m.weighted:
             raise ConfigError(f"method {m.name!r} takes no weights; remove the models' weight")
-        n = len(self.models)
-        if n < m.min_models or (m.max_models is not None and n > m.max_models):
-            most = "any number" if m.max_models is None else str(m.max_models)
-            raise ConfigError(
-                f"method {m.name!r} merges {m.min_models} to {most} models, the recipe lists {n}"
-            )
+        m.check_count(len(self.models))
         if m.needs_base and self.base is None:
             raise ConfigError(f"method {m.name!r} merges task vectors: the recipe needs base:")
         if self.base is not None and not m.needs_base:

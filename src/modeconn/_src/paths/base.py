@@ -35,7 +35,9 @@ class Path(abc.ABC):
     kind: ClassVar[str] = ""
     min_points: ClassVar[int] = 2
 
-    def __init__(self, points: Sequence[Mapping[str, Tensor]], *, meta: dict[str, Any] | None = None):
+    def __init__(
+        self, points: Sequence[Mapping[str, Tensor]], *, meta: dict[str, Any] | None = None
+    ):
         points = list(points)
         if len(points) < self.min_points:
             raise IncompatibleModelsError(
@@ -45,9 +47,7 @@ class Path(abc.ABC):
         names = ["endpoint A"] + [f"point {i}" for i in range(1, len(points) - 1)] + ["endpoint B"]
         check_compatible(points, names)
         # Own copies: the caller's states are never mutated and later changes to them don't leak in.
-        self._points: list[State] = [
-            {k: v.detach().clone() for k, v in p.items()} for p in points
-        ]
+        self._points: list[State] = [{k: v.detach().clone() for k, v in p.items()} for p in points]
         self.meta: dict[str, Any] = dict(meta or {})
 
     # -- the interface -------------------------------------------------------------------------
@@ -93,7 +93,7 @@ class Path(abc.ABC):
         """
         t = _check_t(t)
         c = self.coefficients(t)
-        used = [(p, float(w)) for p, w in zip(self._points, c.tolist()) if w != 0.0]
+        used = [(p, float(w)) for p, w in zip(self._points, c.tolist(), strict=True) if w != 0.0]
         out = combine([p for p, _ in used], [w for _, w in used])
         near = self._points[0] if t < 0.5 else self._points[-1]
         for k, v in near.items():
@@ -139,16 +139,21 @@ class Path(abc.ABC):
 
     def to(self, device: str | torch.device) -> Path:
         """A copy of the path with its points on ``device``."""
-        return type(self).from_points([{k: v.to(device) for k, v in p.items()} for p in self._points],
-                                      meta=self.meta)
+        return type(self).from_points(
+            [{k: v.to(device) for k, v in p.items()} for p in self._points], meta=self.meta
+        )
 
     @classmethod
-    def from_points(cls, points: Sequence[Mapping[str, Tensor]], *, meta: dict[str, Any] | None = None) -> Path:
+    def from_points(
+        cls, points: Sequence[Mapping[str, Tensor]], *, meta: dict[str, Any] | None = None
+    ) -> Path:
         """Build the path from its full list of points (endpoints included)."""
         return cls(points, meta=meta)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(num_points={self.num_points}, tensors={len(self._points[0])})"
+        return (
+            f"{type(self).__name__}(num_points={self.num_points}, tensors={len(self._points[0])})"
+        )
 
 
 def _check_t(t: float) -> float:
@@ -186,12 +191,19 @@ class LinearPath(Path):
 
     kind = "linear"
 
-    def __init__(self, state_a: Mapping[str, Tensor], state_b: Mapping[str, Tensor], *,
-                 meta: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        state_a: Mapping[str, Tensor],
+        state_b: Mapping[str, Tensor],
+        *,
+        meta: dict[str, Any] | None = None,
+    ):
         super().__init__([state_a, state_b], meta=meta)
 
     @classmethod
-    def from_points(cls, points: Sequence[Mapping[str, Tensor]], *, meta: dict[str, Any] | None = None) -> Path:
+    def from_points(
+        cls, points: Sequence[Mapping[str, Tensor]], *, meta: dict[str, Any] | None = None
+    ) -> Path:
         if len(points) != 2:
             raise IncompatibleModelsError(f"a LinearPath has 2 points, got {len(points)}")
         return cls(points[0], points[1], meta=meta)

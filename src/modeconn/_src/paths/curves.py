@@ -1,4 +1,4 @@
-"""Learnable curves with bends: quadratic/higher Bezier curves and polygonal chains (Garipov 2018)."""
+"""Curves with bends: Bezier curves and polygonal chains (Garipov et al. 2018)."""
 
 from __future__ import annotations
 
@@ -34,7 +34,9 @@ def polychain_coefficients(t: float, num_points: int) -> Tensor:
     """
     t = _check_t(t)
     s = t * (num_points - 1)
-    return torch.tensor([max(0.0, 1.0 - abs(s - i)) for i in range(num_points)], dtype=torch.float64)
+    return torch.tensor(
+        [max(0.0, 1.0 - abs(s - i)) for i in range(num_points)], dtype=torch.float64
+    )
 
 
 @register

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, TensorDataset
 
 from ..errors import ConfigError, DataError
 from ..evaluation import DataLike, as_loader, model_device, resolve_device, with_state
@@ -142,7 +142,12 @@ class PathEvaluation:
             arc = float((0.5 * (v[1:] + v[:-1]) * dl).sum() / dl.sum())
         else:
             arc = float(v.mean())
-        return {"min": float(v.min()), "max": float(v.max()), "mean": float(v.mean()), "arc_mean": arc}
+        return {
+            "min": float(v.min()),
+            "max": float(v.max()),
+            "mean": float(v.mean()),
+            "arc_mean": arc,
+        }
 
     def to_dict(self) -> dict[str, Any]:
         """Everything as plain JSON-able values: ts, per-split curves, summaries and barriers.
@@ -184,7 +189,9 @@ class PathEvaluation:
                 meta=dict(d.get("meta") or {}),
             )
         except (KeyError, TypeError) as e:
-            raise DataError(f"not a path evaluation (missing {e}); use a file written by to_dict") from None
+            raise DataError(
+                f"not a path evaluation (missing {e}); use a file written by to_dict"
+            ) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,8 +217,14 @@ def _ts(ts: int | Sequence[float] | Tensor) -> Tensor:
     if isinstance(ts, int):
         if ts < 1:
             raise ConfigError(f"ts must be a positive number of points, got {ts}")
-        return torch.linspace(0.0, 1.0, ts, dtype=torch.float64) if ts > 1 else torch.zeros(1, dtype=torch.float64)
-    out = torch.as_tensor(list(ts) if not isinstance(ts, Tensor) else ts, dtype=torch.float64).flatten()
+        return (
+            torch.linspace(0.0, 1.0, ts, dtype=torch.float64)
+            if ts > 1
+            else torch.zeros(1, dtype=torch.float64)
+        )
+    out = torch.as_tensor(
+        list(ts) if not isinstance(ts, Tensor) else ts, dtype=torch.float64
+    ).flatten()
     if len(out) == 0 or bool(((out < 0) | (out > 1)).any()):
         raise ConfigError("ts must be a non-empty list of positions in [0, 1]")
     return out
@@ -219,8 +232,18 @@ def _ts(ts: int | Sequence[float] | Tensor) -> Tensor:
 
 def _cache(data: DataLike, dev: torch.device, batch_size: int) -> list[tuple[Tensor, Tensor]]:
     # Batches are materialised once on the device and reused at every t (saves the DataLoader's
-    # per-example collation T times over).
-    batches = [(x.to(dev), y.to(dev)) for x, y in as_loader(data, batch_size=batch_size)]
+    # per-example collation T times over). Whole tensors are sliced without a DataLoader.
+    if isinstance(data, TensorDataset) and len(data.tensors) == 2:
+        data = tuple(data.tensors)
+    if isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
+        x, y = (t.to(dev) for t in data)
+        if len(x) != len(y):
+            raise DataError(f"inputs have {len(x)} rows but targets have {len(y)}")
+        batches = [
+            (x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(x), batch_size)
+        ]
+    else:
+        batches = [(x.to(dev), y.to(dev)) for x, y in as_loader(data, batch_size=batch_size)]
     if not batches:
         raise DataError("cannot evaluate on an empty dataset")
     return batches
@@ -278,7 +301,8 @@ def evaluate_path(
         A :class:`PathEvaluation` (``.ts``, ``.loss``, ``.accuracy``, ``.barrier()``, ...).
 
     Example:
-        >>> ev = mc.evaluate_path(model_a, mc.LinearPath(sa, sb), splits.test, ts=11)  # doctest: +SKIP
+        >>> line = mc.LinearPath(sa, sb)
+        >>> ev = mc.evaluate_path(model_a, line, splits.test, ts=11)  # doctest: +SKIP
         >>> ev.barrier("loss")  # doctest: +SKIP
     """
     dev = resolve_device(device) if device is not None else model_device(model)
@@ -303,7 +327,9 @@ def evaluate_path(
     param_names = [n for n, _ in model.named_parameters()]
     missing = [n for n in param_names if n not in path._points[0]]
     if missing:
-        raise DataError(f"the path has no tensor {missing[0]!r} of the model: wrong model for this path")
+        raise DataError(
+            f"the path has no tensor {missing[0]!r} of the model: wrong model for this path"
+        )
     endpoints = {0.0: path._points[0], 1.0: path._points[-1]}
     results: dict[str, dict[str, list[float]]] = {n: {"loss": [], "accuracy": []} for n in named}
     if pgd is not None:
@@ -316,7 +342,9 @@ def evaluate_path(
         for t in t_grid.tolist():
             st = {k: v.to(dev) for k, v in path.state(t).items()}
             if prev is not None:
-                sq = sum(float((st[n].double() - prev[n].double()).pow(2).sum()) for n in param_names)
+                sq = sum(
+                    float((st[n].double() - prev[n].double()).pow(2).sum()) for n in param_names
+                )
                 dl.append(sq**0.5)
             prev = {n: st[n] for n in param_names}
             if bn:
@@ -329,27 +357,44 @@ def evaluate_path(
                 results[name]["accuracy"].append(acc)
                 if pgd is not None:
                     # Same random starts at every t (seed 0), so the curve compares like with like.
-                    m = robust_evaluate(net_t, named[name], pgd, state=state_t, device=dev,
-                                        batch_size=batch_size, seed=0)
+                    m = robust_evaluate(
+                        net_t,
+                        named[name],
+                        pgd,
+                        state=state_t,
+                        device=dev,
+                        batch_size=batch_size,
+                        seed=0,
+                    )
                     results[name]["robust_loss"].append(m.loss)
                     results[name]["robust_accuracy"].append(m.accuracy)
             if t in endpoints:
-                err = _endpoint_error(net, net_t, state_t, endpoints[t], st, bn, cached[primary][0][0])
+                err = _endpoint_error(
+                    net, net_t, state_t, endpoints[t], st, bn, cached[primary][0][0]
+                )
                 endpoint_error = max(endpoint_error or 0.0, err)
             advance(f"t={t:.3f}")
     if endpoint_error is not None and endpoint_error > ENDPOINT_TOL:
         warnings.warn(
             f"the path does not reproduce its endpoints (max deviation {endpoint_error:.2e} > "
-            f"{ENDPOINT_TOL}); check that the model matches the path", stacklevel=2)
+            f"{ENDPOINT_TOL}); check that the model matches the path",
+            stacklevel=2,
+        )
     return PathEvaluation(
         ts=t_grid,
-        results={n: {m: torch.tensor(v, dtype=torch.float64) for m, v in r.items()}
-                 for n, r in results.items()},
+        results={
+            n: {m: torch.tensor(v, dtype=torch.float64) for m, v in r.items()}
+            for n, r in results.items()
+        },
         primary=primary,
         dl=torch.tensor(dl, dtype=torch.float64),
         endpoint_error=endpoint_error,
-        meta={"kind": path.kind, "num_points": path.num_points, "bn_reset": bn,
-              "robust": pgd.model_dump() if pgd is not None else None},
+        meta={
+            "kind": path.kind,
+            "num_points": path.num_points,
+            "bn_reset": bn,
+            "robust": pgd.model_dump() if pgd is not None else None,
+        },
     )
 
 

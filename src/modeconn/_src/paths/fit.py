@@ -121,12 +121,16 @@ class ControlPointCurve(CurveParametrization):
         first = points[0]
         dtypes = {first[n].dtype for n in self.param_names}
         if len(dtypes) > 1 or not all(d.is_floating_point for d in dtypes):
-            raise ConfigError(f"curve training needs one floating dtype for all parameters, got {dtypes}")
+            raise ConfigError(
+                f"curve training needs one floating dtype for all parameters, got {dtypes}"
+            )
         self.shapes = [tuple(first[n].shape) for n in self.param_names]
         self.sizes = [math.prod(s) for s in self.shapes]
         self.keys = list(first)
         self.num_points = len(points)
-        self.trainable = [not (fix_endpoints and i in (0, len(points) - 1)) for i in range(len(points))]
+        self.trainable = [
+            not (fix_endpoints and i in (0, len(points) - 1)) for i in range(len(points))
+        ]
         self.free = nn.ParameterList()
         self._slots: list[tuple[bool, int]] = []
         for i, p in enumerate(points):
@@ -138,7 +142,9 @@ class ControlPointCurve(CurveParametrization):
                 self._slots.append((False, i))
                 self.register_buffer(f"fixed{i}", vec)
         skip = set(self.param_names) | set(self.aliases)
-        self._rest = [{k: v.detach().to("cpu").clone() for k, v in p.items() if k not in skip} for p in points]
+        self._rest = [
+            {k: v.detach().to("cpu").clone() for k, v in p.items() if k not in skip} for p in points
+        ]
 
     def vectors(self) -> list[Tensor]:
         """The control points as flat parameter vectors (trainable ones are ``nn.Parameter``)."""
@@ -148,18 +154,26 @@ class ControlPointCurve(CurveParametrization):
         """``{name: Σ_i c_i(t) θ_i[name]}`` for the model's parameters (differentiable)."""
         coeffs = COEFFICIENTS[self.kind](t, self.num_points).tolist()
         flat: Tensor | None = None
-        for c, v in zip(coeffs, self.vectors()):
+        for c, v in zip(coeffs, self.vectors(), strict=True):
             if c != 0.0:
                 flat = v * c if flat is None else flat.add(v, alpha=c)
         assert flat is not None
-        return {n: chunk.view(s) for n, chunk, s in zip(self.param_names, flat.split(self.sizes), self.shapes)}
+        return {
+            n: chunk.view(s)
+            for n, chunk, s in zip(
+                self.param_names, flat.split(self.sizes), self.shapes, strict=True
+            )
+        }
 
     def to_path(self, meta: dict[str, Any] | None = None) -> Path:
-        """The control points as complete state dicts in a :class:`BezierCurve`/:class:`PolyChain`."""
+        """The control points as complete state dicts in a BezierCurve / PolyChain (CPU)."""
         points = []
-        for vec, rest in zip(self.vectors(), self._rest):
+        for vec, rest in zip(self.vectors(), self._rest, strict=True):
             chunks = vec.detach().to("cpu").split(self.sizes)
-            params = {n: c.reshape(s).clone() for n, c, s in zip(self.param_names, chunks, self.shapes)}
+            params = {
+                n: c.reshape(s).clone()
+                for n, c, s in zip(self.param_names, chunks, self.shapes, strict=True)
+            }
             params.update({a: params[p].clone() for a, p in self.aliases.items()})
             points.append({k: params[k] if k in params else rest[k] for k in self.keys})
         return REGISTRY[self.kind].from_points(points, meta=meta)
@@ -286,10 +300,19 @@ def train_curve(
     curve.to(dev)
     trainable = [p for p in curve.parameters() if p.requires_grad]
     if not trainable:
-        raise ConfigError("the curve has nothing to train (fixed endpoints and no bends): use bends >= 1")
+        raise ConfigError(
+            "the curve has nothing to train (fixed endpoints and no bends): use bends >= 1"
+        )
     opt = torch.optim.SGD(trainable, lr=lr, momentum=momentum, weight_decay=0.0)
-    cfg = {"epochs": epochs, "lr": lr, "wd": wd, "momentum": momentum, "batch_size": batch_size,
-           "seed": seed, **dict(config or {})}
+    cfg = {
+        "epochs": epochs,
+        "lr": lr,
+        "wd": wd,
+        "momentum": momentum,
+        "batch_size": batch_size,
+        "seed": seed,
+        **dict(config or {}),
+    }
     file = FsPath(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
     start, history = 0, []
     if resume and file is not None and file.is_file():
@@ -315,7 +338,9 @@ def train_curve(
                     t = float(torch.rand((), generator=t_gen, dtype=torch.float64))
                     theta = curve(t)
                     if input_transform is not None:
-                        x = input_transform(_AtTheta(net, {k: v.detach() for k, v in theta.items()}), x, y)
+                        x = input_transform(
+                            _AtTheta(net, {k: v.detach() for k, v in theta.items()}), x, y
+                        )
                         net.train()
                     out = torch.func.functional_call(net, theta, (x,))
                     ce = F.cross_entropy(out, y)
@@ -334,14 +359,25 @@ def train_curve(
                     total += float(ce.detach()) * len(y)
                     correct += int((out.argmax(-1) == y).sum())
                     n += len(y)
-            record = {"epoch": epoch + 1, "lr": rate, "loss": total / max(n, 1),
-                      "accuracy": correct / max(n, 1)}
+            record = {
+                "epoch": epoch + 1,
+                "lr": rate,
+                "loss": total / max(n, 1),
+                "accuracy": correct / max(n, 1),
+            }
             history.append(record)
             if file is not None:
-                _save_checkpoint(file, {
-                    "version": 1, "epoch": epoch + 1, "config": cfg, "history": history,
-                    "curve": curve.state_dict(), "optimizer": opt.state_dict(),
-                })
+                _save_checkpoint(
+                    file,
+                    {
+                        "version": 1,
+                        "epoch": epoch + 1,
+                        "config": cfg,
+                        "history": history,
+                        "curve": curve.state_dict(),
+                        "optimizer": opt.state_dict(),
+                    },
+                )
             advance(f"epoch {epoch + 1} loss {record['loss']:.3f}")
             if callback is not None:
                 callback(epoch, record)
@@ -420,7 +456,7 @@ def fit_curve(
         config, the settings and the per-epoch history.
 
     Example:
-        >>> curve = mc.fit_curve(a, b, splits.train, bends=1, epochs=10, align="weight")  # doctest: +SKIP
+        >>> curve = mc.fit_curve(a, b, splits, epochs=10, align="weight")  # doctest: +SKIP
         >>> mc.evaluate_path(a, curve, splits.test).summary("accuracy")  # doctest: +SKIP
     """
     if kind not in COEFFICIENTS:
@@ -440,28 +476,69 @@ def fit_curve(
         if align == "pam":
             from . import pam  # noqa: F401 - registers the "pam" aligner (PAM phase 1)
 
-            options = {"seed": seed, "device": device, "progress": progress,
-                       "input_transform": input_transform, **options}
-        state_b = align_models(model_a, model_b, method=align, data=train_data,
-                               **options).state_dict()
-    curve = initial_curve(model_a, state_a, state_b, kind=kind, bends=bends, fix_endpoints=fix_endpoints)
-    fingerprint = [round(float(sum(v.double().sum() for v in s.values() if v.is_floating_point())), 6)
-                   for s in (state_a, state_b)]
-    history = train_curve(
-        model_a, curve, train_data, epochs=epochs, lr=lr, wd=wd, momentum=momentum,
-        batch_size=batch_size, seed=seed, device=device, checkpoint_dir=checkpoint_dir,
-        resume=resume, progress=progress, input_transform=input_transform, callback=callback,
-        config={"kind": kind, "bends": bends, "align": align, "fix_endpoints": fix_endpoints,
-                "endpoints": fingerprint},
+            options = {
+                "seed": seed,
+                "device": device,
+                "progress": progress,
+                "input_transform": input_transform,
+                **options,
+            }
+        state_b = align_models(
+            model_a, model_b, method=align, data=train_data, **options
+        ).state_dict()
+    curve = initial_curve(
+        model_a, state_a, state_b, kind=kind, bends=bends, fix_endpoints=fix_endpoints
     )
-    meta = {"model": getattr(model_a, "modeconn_config", None),
-            "fit": {"kind": kind, "bends": bends, "align": align, "epochs": epochs, "lr": lr,
-                    "align_options": {k: v for k, v in dict(align_options or {}).items()
-                                      if isinstance(v, int | float | str | bool | None)},
-                    "wd": wd, "momentum": momentum, "batch_size": batch_size,
-                    "fix_endpoints": fix_endpoints, "seed": seed,
-                    "adversarial": input_transform is not None},
-            "history": history}
+    fingerprint = [
+        round(float(sum(v.double().sum() for v in s.values() if v.is_floating_point())), 6)
+        for s in (state_a, state_b)
+    ]
+    history = train_curve(
+        model_a,
+        curve,
+        train_data,
+        epochs=epochs,
+        lr=lr,
+        wd=wd,
+        momentum=momentum,
+        batch_size=batch_size,
+        seed=seed,
+        device=device,
+        checkpoint_dir=checkpoint_dir,
+        resume=resume,
+        progress=progress,
+        input_transform=input_transform,
+        callback=callback,
+        config={
+            "kind": kind,
+            "bends": bends,
+            "align": align,
+            "fix_endpoints": fix_endpoints,
+            "endpoints": fingerprint,
+        },
+    )
+    meta = {
+        "model": getattr(model_a, "modeconn_config", None),
+        "fit": {
+            "kind": kind,
+            "bends": bends,
+            "align": align,
+            "epochs": epochs,
+            "lr": lr,
+            "align_options": {
+                k: v
+                for k, v in dict(align_options or {}).items()
+                if isinstance(v, int | float | str | bool | None)
+            },
+            "wd": wd,
+            "momentum": momentum,
+            "batch_size": batch_size,
+            "fix_endpoints": fix_endpoints,
+            "seed": seed,
+            "adversarial": input_transform is not None,
+        },
+        "history": history,
+    }
     return curve.to_path(meta=meta)
 
 
@@ -485,7 +562,9 @@ def initial_curve(
         >>> c.num_points
         4
     """
-    points = [dict(state_a)] + [lerp(state_a, state_b, i / (bends + 1)) for i in range(1, bends + 1)]
+    points = [dict(state_a)] + [
+        lerp(state_a, state_b, i / (bends + 1)) for i in range(1, bends + 1)
+    ]
     points.append(dict(state_b))
     names, aliases = parameter_names(model)
     return ControlPointCurve(kind, points, names, aliases=aliases, fix_endpoints=fix_endpoints)

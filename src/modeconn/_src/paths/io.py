@@ -16,7 +16,7 @@ META_KEY = "modeconn_path"
 
 
 def resolve_path_file(path: str | FsPath) -> FsPath:
-    """A ``.safetensors`` file stays as it is; anything else is a directory holding ``curve.safetensors``."""
+    """A ``.safetensors`` file as it is; anything else is a folder holding ``curve.safetensors``."""
     p = FsPath(path)
     return p if p.suffix == ".safetensors" else p / PATH_FILENAME
 
@@ -24,9 +24,9 @@ def resolve_path_file(path: str | FsPath) -> FsPath:
 def save_path(path_obj: Path, path: str | FsPath, *, meta: dict[str, Any] | None = None) -> FsPath:
     """Write ``path_obj`` to a safetensors file atomically.
 
-    Tensors are stored as ``point{i}.{state key}``; the metadata entry ``modeconn_path`` holds JSON
-    ``{"format", "version", "kind", "num_points", "keys", "meta"}`` (``meta``: e.g. the model name and
-    arguments, so the file can be evaluated without naming the model again).
+    Tensors are stored as ``point{i}.{state key}``; the metadata entry ``modeconn_path`` holds
+    JSON ``{"format", "version", "kind", "num_points", "keys", "meta"}`` (``meta``: e.g. the
+    model name and arguments, so the file can be evaluated without naming the model again).
 
     Args:
         path_obj: the path to save.
@@ -53,7 +53,9 @@ def save_path(path_obj: Path, path: str | FsPath, *, meta: dict[str, Any] | None
     try:
         header = json.dumps(info)
     except TypeError as e:
-        raise CheckpointError(f"path metadata is not JSON-serialisable ({e}); pass plain values") from None
+        raise CheckpointError(
+            f"path metadata is not JSON-serialisable ({e}); pass plain values"
+        ) from None
     tensors = {
         f"point{i}.{k}": v.detach().to("cpu").contiguous().clone()
         for i, p in enumerate(path_obj._points)
@@ -82,8 +84,10 @@ def load_path(path: str | FsPath) -> Path:
 
     src = resolve_path_file(path)
     if not src.is_file():
-        raise CheckpointError(f"no path file at {src}; give a directory written by `modeconn curve` "
-                              "or a .safetensors file written by path.save()")
+        raise CheckpointError(
+            f"no path file at {src}; give a directory written by `modeconn curve` "
+            "or a .safetensors file written by path.save()"
+        )
     try:
         with safe_open(str(src), framework="pt") as f:
             header = (f.metadata() or {}).get(META_KEY)

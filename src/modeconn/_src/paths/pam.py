@@ -28,7 +28,7 @@ The soft permutation is applied to B's state differentiably through the spec's s
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -48,10 +48,9 @@ from ..spec import (
     identity_permutation,
 )
 from ..state import check_compatible
+from .fit import InputTransform, _AtTheta
 
 State = dict[str, Tensor]
-# input_transform(forward, x, y) -> x': e.g. PGD inputs against the current point of the curve
-InputTransform = Callable[[Callable[[Tensor], Tensor], Tensor, Tensor], Tensor]
 
 __all__ = [
     "birkhoff_decomposition",
@@ -79,15 +78,17 @@ def project_doubly_stochastic(
     until both hold within ``tol``; then clip to positive and finish with Sinkhorn normalisation
     (tiny multiplicative corrections). Like a Euclidean projection it sets small entries to zero,
     so a matrix near a permutation stays near it. ``"sinkhorn"``: clip to positive
-    (``max(M, floor)``, which also gives the matrix total support) and alternately divide rows and columns by their sums (Sinkhorn–Knopp);
-    every positive entry survives, so mass diffuses over many units step after step (on an
-    MNIST-1D MLP, the curve loss from an aligned start rose 1.31 → 1.53 in 10 PAM epochs with it,
-    and stayed at 1.30 with ``"alternating"``).
+    (``max(M, floor)``, which also gives the matrix total support) and alternately divide rows
+    and columns by their sums (Sinkhorn–Knopp); every positive entry survives, so mass diffuses
+    over many units step after step (on an MNIST-1D MLP, the curve loss from an aligned start
+    rose 1.31 → 1.53 in 10 PAM epochs with it, and stayed at 1.30 with ``"alternating"``).
 
     Args:
         matrix: ``(n, n)`` real matrix.
         method: ``"alternating"`` (default) or ``"sinkhorn"``.
-        iters: maximum number of iterations (of each stage).
+        iters: maximum number of iterations of each stage (PAM's inner loop uses 20, like the
+            seed code, which leaves the matrix doubly stochastic only approximately; near a
+            permutation, full convergence takes hundreds of iterations).
         tol: stop when ``max |row sum − 1|`` and ``max |column sum − 1|`` are below it.
         floor: the smallest entry kept by Sinkhorn normalisation (default: 10⁻⁶ for
             ``"sinkhorn"``, 10⁻¹² for the final polish of ``"alternating"``).
@@ -104,7 +105,7 @@ def project_doubly_stochastic(
         raise ValueError(f"expected a square matrix, got shape {tuple(matrix.shape)}")
     if method not in ("alternating", "sinkhorn"):
         raise ConfigError(f"projection must be 'alternating' or 'sinkhorn', got {method!r}")
-    m = matrix.detach().clone()
+    m = matrix.detach().double()
     n = m.shape[0]
 
     def off(x: Tensor) -> float:
@@ -125,7 +126,7 @@ def project_doubly_stochastic(
         m = m / m.sum(dim=0, keepdim=True)
         if off(m) < tol:
             break
-    return m
+    return m.to(matrix.dtype)
 
 
 def birkhoff_decomposition(
@@ -224,7 +225,8 @@ def pam_objective(
         perm: the permutation π of B.
         data: the data (a fixed subset of the training set).
         ts: positions on the segment.
-        input_transform: ``fn(forward, x, y) -> x'`` applied per batch and ``t`` (robust curves).
+        input_transform: ``fn(model_fn, x, y) -> x'`` applied per batch and ``t`` (robust
+            curves).
         batch_size: for a Dataset/tuple.
         device: where to run.
 
@@ -257,9 +259,9 @@ def pam_objective(
     return total / n
 
 
-def _forward(model: nn.Module, params: Mapping[str, Tensor]) -> Callable[[Tensor], Tensor]:
-    detached = {k: v.detach() for k, v in params.items()}
-    return lambda inp: torch.func.functional_call(model, detached, (inp,))
+def _forward(model: nn.Module, params: Mapping[str, Tensor]) -> nn.Module:
+    """The network at fixed (detached) weights, as ``fit_curve``'s ``input_transform`` gets it."""
+    return _AtTheta(model, {k: v.detach() for k, v in params.items()})
 
 
 # --- PAM phase 1 ----------------------------------------------------------------------------
@@ -274,6 +276,7 @@ def pam_align(
     lr: float = 0.05,
     nu: float = 1e3,
     projection: str = "alternating",
+    projection_iters: int = 20,
     batch_size: int = 128,
     bvn_terms: int = 11,
     samples: int = 32,
@@ -312,12 +315,14 @@ def pam_align(
         projection: how ``P`` returns to the doubly stochastic matrices after each step:
             ``"alternating"`` (the seed code's) or ``"sinkhorn"``; see
             :func:`project_doubly_stochastic`.
+        projection_iters: iterations of each projection stage per step (the seed code: 20).
         batch_size: minibatch size for a Dataset/tuple.
         bvn_terms: top Birkhoff–von Neumann terms kept per group (the seed code: 11).
         samples: random BvN combinations tried (the seed code: 32).
         eval_examples: training examples used to rank the candidates.
-        input_transform: ``fn(forward, x, y) -> x'`` applied to every batch, e.g. PGD inputs for
-            robust curves (``forward`` computes the current point of the curve).
+        input_transform: ``fn(model_fn, x, y) -> x'`` applied to every batch, e.g. PGD inputs
+            for robust curves (``model_fn``: an ``nn.Module`` computing the current point of the
+            curve with detached weights; the same hook as ``mc.fit_curve``'s).
         seed: seeds the data order, the ``t`` draws and the BvN sampling.
         device: where to run (default: A's device).
         progress: show a progress bar.
@@ -336,6 +341,8 @@ def pam_align(
         raise ConfigError(f"pam needs epochs >= 0, lr > 0 and nu > 0; got {epochs}, {lr}, {nu}")
     if data is None:
         raise ConfigError("PAM learns the permutation on data: pass data=(inputs, targets)")
+    if projection not in ("alternating", "sinkhorn"):
+        raise ConfigError(f"projection must be 'alternating' or 'sinkhorn', got {projection!r}")
     state_a, state_b = model_a.state_dict(), model_b.state_dict()
     check_compatible([state_a, state_b], ["model A", "model B"])
     from ..align.api import get_aligner, resolve_spec
@@ -383,7 +390,8 @@ def pam_align(
                     with torch.no_grad():
                         for g, m in P.items():
                             prox = (m + ratio * P_old[g]) / (1 + ratio)
-                            m.copy_(project_doubly_stochastic(prox, method=projection))
+                            m.copy_(project_doubly_stochastic(
+                                prox, method=projection, iters=projection_iters))
                     total += float(loss.detach()) * len(y)
                     n += len(y)
                     advance(f"epoch {epoch + 1}/{epochs}")

@@ -1,0 +1,545 @@
+"""Tests of infer_spec: every inferred permutation keeps the function, and covers the hidden units.
+
+Each model's weights are perturbed with noise first (so LayerNorm's ones and zero biases cannot
+hide a wrong slot); outputs are compared in eval and train mode; the spec inference runs with
+``verify=False`` so the inference itself is tested, not its safety net.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.func import functional_call
+
+import modeconn as mc
+import modeconn.models  # noqa: F401
+from modeconn._src.errors import SpecError
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
+    """A copy with noise on every float parameter and buffer (running_var kept positive)."""
+    model = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+            if not t.is_floating_point():
+                continue
+            noise = torch.randn(t.shape, generator=g)
+            if name.endswith("running_var"):
+                t.mul_(torch.exp(0.3 * noise))
+            else:
+                t.add_(0.3 * noise)
+    return model
+
+
+def outputs(model: nn.Module, state: dict, inputs, *, train: bool) -> list[torch.Tensor]:
+    model.train(train)
+    state = {k: v.clone() for k, v in state.items()}  # train-mode BN updates its buffers
+    kwargs = inputs if isinstance(inputs, dict) else None
+    args = () if kwargs is not None else (inputs if isinstance(inputs, tuple) else (inputs,))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = functional_call(model, state, args, kwargs or {}, tie_weights=False)
+    if hasattr(out, "to_tuple"):
+        out = out.to_tuple()
+    if isinstance(out, torch.Tensor):
+        out = (out,)
+    return [o for o in out if isinstance(o, torch.Tensor) and o.is_floating_point()]
+
+
+def assert_symmetry(model: nn.Module, inputs, spec: mc.PermutationSpec, *, seeds=(0, 1)) -> None:
+    """A random permutation changes the weights but not the outputs (eval and train mode)."""
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    spec.check(state)
+    assert spec.groups, "no permutation group found"
+    for seed in seeds:
+        perm = mc.random_permutation(spec, seed=seed)
+        while all(torch.equal(p, torch.arange(len(p))) for p in perm.values()):
+            seed += 1000  # tiny groups: skip the identity
+            perm = mc.random_permutation(spec, seed=seed)
+        mc.check_permutation(spec, perm)
+        permuted = mc.apply_permutation(spec, perm, state)
+        changed = [k for k in spec.params() if not torch.equal(permuted[k], state[k])]
+        assert changed, "the permutation changed no weight (vacuous test)"
+        for train in (False, True):
+            ref = outputs(copy.deepcopy(model), dict(state), inputs, train=train)
+            got = outputs(copy.deepcopy(model), permuted, inputs, train=train)
+            assert ref, "the model returned no float tensor"
+            for a, b in zip(ref, got, strict=True):
+                diff = (a - b).abs().max().item()
+                assert diff <= 1e-5 * max(1.0, a.abs().max().item()), (
+                    f"outputs differ by {diff} (train={train}, seed={seed})"
+                )
+        back = mc.apply_permutation(spec, mc.inverse_permutation(perm), permuted)
+        assert all(torch.equal(back[k], state[k]) for k in state)
+
+
+def covered(spec: mc.PermutationSpec, state: dict, param: str, axis: int) -> torch.Tensor:
+    """Mask of the positions on ``param``'s ``axis`` some group's slot acts on."""
+    mask = torch.zeros(state[param].shape[axis], dtype=torch.bool)
+    for g, s in spec.slots_of(param):
+        if s.axis == axis:
+            mask[s.positions(spec.groups[g]).flatten()] = True
+    return mask
+
+
+def assert_hidden_covered(model: nn.Module, spec: mc.PermutationSpec, skip: set[str]) -> None:
+    """Every Linear/Conv output unit (except the final layers in ``skip``) is in some group."""
+    state = model.state_dict()
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear | nn.modules.conv._ConvNd) and name not in skip:
+            mask = covered(spec, state, f"{name}.weight", 0)
+            assert mask.all(), f"{name}: {int((~mask).sum())} output units in no group"
+
+
+def infer(model, x, **kw) -> mc.PermutationSpec:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a clean model must not warn
+        return mc.infer_spec(model, x, verify=False, **kw)
+
+
+# --------------------------------------------------------------------------------------------
+# the zoo: a contract over every registered model
+# --------------------------------------------------------------------------------------------
+ZOO_CASES = [
+    # (name, kwargs, input shape, expected number of groups)
+    ("mlp", {}, (40,), 3),
+    ("mlp", {"norm": "bn"}, (40,), 3),
+    ("mlp", {"norm": "ln"}, (40,), 3),
+    ("cnn1d", {}, (40,), 3),
+    ("cnn", {}, (1, 8, 8), 3),
+    ("resnet", {}, (1, 8, 8), 6),  # 3 stages: a stream and a block-internal group each
+    ("transformer", {}, (40,), 5),  # the stream; per block an attention group and an MLP group
+]
+
+
+def test_zoo_cases_cover_every_registered_model():
+    assert {c[0] for c in ZOO_CASES} >= set(mc.models.names())
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "shape", "n_groups"), ZOO_CASES, ids=lambda v: str(v) if v else "-"
+)
+def test_zoo_model_permutation_keeps_the_function(name, kwargs, shape, n_groups):
+    model = randomize(mc.models.create(name, input_shape=shape, num_classes=10, seed=0, **kwargs))
+    x = torch.randn(6, *shape)
+    spec = infer(model, x)
+    print(f"{name} {kwargs}: {len(spec.groups)} groups (expected {n_groups}): {spec.groups}")
+    assert len(spec.groups) == n_groups
+    assert_symmetry(model, x, spec)
+    assert_hidden_covered(model, spec, skip={"head"})
+    # the network's input features and output classes are never permuted
+    state = model.state_dict()
+    first = next(k for k in state if k.endswith("weight"))
+    assert not covered(spec, state, first, 1).any()
+    assert not covered(spec, state, "head.weight", 0).any()
+
+
+def test_zoo_transformer_attention_has_heads_structure():
+    model = mc.models.create("transformer", input_shape=(40,), num_classes=10, dim=32, num_heads=4)
+    spec = infer(model, torch.randn(2, 40))
+    assert spec.heads["blocks.0.attn"] == mc.Heads(4, ((0, 8), (32, 8)))
+    assert spec.groups["blocks.0.attn"] == 64
+    assert spec.groups["stream"] == 32
+    sites = {s.node for s in spec.sites["stream"]}
+    assert len(sites) == 5  # ln1, ln2 of both blocks and the pooled features entering the head
+
+
+def test_bn_running_stats_are_permuted():
+    model = randomize(mc.models.create("mlp", input_shape=(40,), num_classes=10, norm="bn"))
+    spec = infer(model, torch.randn(4, 40))
+    params = spec.params()
+    for i in range(3):
+        assert {f"norms.{i}.running_mean", f"norms.{i}.running_var"} <= params
+
+
+# --------------------------------------------------------------------------------------------
+# models the zoo does not have, written the way users write them
+# --------------------------------------------------------------------------------------------
+class ResidualMLP(nn.Module):
+    def __init__(self, d_in=12, width=16, depth=3, n_out=5):
+        super().__init__()
+        self.inp = nn.Linear(d_in, width)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(width), nn.Linear(width, 2 * width), nn.GELU(),
+                          nn.Linear(2 * width, width))
+            for _ in range(depth)
+        )
+        self.out = nn.Linear(width, n_out)
+
+    def forward(self, x):
+        h = self.inp(x)
+        for blk in self.blocks:
+            h = h + blk(h)
+        return self.out(F.relu(h))
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, cin, planes, stride=1):
+        super().__init__()
+        cout = planes * self.expansion
+        self.conv1 = nn.Conv2d(cin, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, cout, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(cout)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                            nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return F.relu(out + identity)
+
+
+class BottleneckResNet(nn.Module):
+    def __init__(self, n_out=10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.layer1 = nn.Sequential(Bottleneck(16, 4), Bottleneck(16, 4))  # no projection
+        self.layer2 = nn.Sequential(Bottleneck(16, 8, stride=2), Bottleneck(32, 8))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(32, n_out)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layer2(self.layer1(x))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+class UNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc1 = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.ReLU())
+        self.enc2 = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.up = nn.ConvTranspose2d(16, 8, 2, stride=2)
+        self.dec = nn.Sequential(nn.Conv2d(16, 8, 3, padding=1), nn.ReLU())
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        e1 = self.enc1(x)
+        e2 = self.enc2(F.max_pool2d(e1, 2))
+        d = torch.cat([self.up(e2), e1], dim=1)  # skip connection by concatenation
+        return self.head(self.dec(d))
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, d, n_head):
+        super().__init__()
+        self.n_head = n_head
+        self.c_attn = nn.Linear(d, 3 * d)
+        self.c_proj = nn.Linear(d, d)
+        self.register_buffer("bias", torch.tril(torch.ones(16, 16)).view(1, 1, 16, 16))
+
+    def forward(self, x):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+        att = att.masked_fill(self.bias[:, :, :T, :T] == 0, float("-inf"))
+        att = F.softmax(att, dim=-1)
+        y = (att @ v).transpose(1, 2).contiguous().view(B, T, C)
+        return self.c_proj(y)
+
+
+class GPTBlock(nn.Module):
+    def __init__(self, d, n_head):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(d)
+        self.attn = CausalSelfAttention(d, n_head)
+        self.ln_2 = nn.LayerNorm(d)
+        self.mlp = nn.ModuleDict(dict(c_fc=nn.Linear(d, 4 * d), c_proj=nn.Linear(4 * d, d)))
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp.c_proj(F.gelu(self.mlp.c_fc(self.ln_2(x))))
+
+
+class MiniGPT(nn.Module):
+    """nanoGPT-style: fused qkv, causal mask buffer, tied token embedding and lm head."""
+
+    def __init__(self, vocab=20, d=16, n_head=2, n_layer=2):
+        super().__init__()
+        self.wte = nn.Embedding(vocab, d)
+        self.wpe = nn.Embedding(16, d)
+        self.h = nn.ModuleList(GPTBlock(d, n_head) for _ in range(n_layer))
+        self.ln_f = nn.LayerNorm(d)
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+        self.lm_head.weight = self.wte.weight
+
+    def forward(self, idx):
+        pos = torch.arange(0, idx.size(1), dtype=torch.long, device=idx.device)
+        x = self.wte(idx) + self.wpe(pos)
+        for block in self.h:
+            x = block(x)
+        return self.lm_head(self.ln_f(x))
+
+
+class SDPAttention(nn.Module):
+    """Separate q/k/v projections with different q/k and v head sizes, through F.sdpa."""
+
+    def __init__(self, d=12, heads=3, dqk=4, dv=5):
+        super().__init__()
+        self.h, self.dqk, self.dv = heads, dqk, dv
+        self.q = nn.Linear(d, heads * dqk)
+        self.k = nn.Linear(d, heads * dqk)
+        self.v = nn.Linear(d, heads * dv)
+        self.o = nn.Linear(heads * dv, d)
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        q = self.q(x).reshape(B, T, self.h, self.dqk).permute(0, 2, 1, 3)
+        k = self.k(x).reshape(B, T, self.h, self.dqk).permute(0, 2, 1, 3)
+        v = self.v(x).reshape(B, T, self.h, self.dv).permute(0, 2, 1, 3)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return x + self.o(y.transpose(1, 2).flatten(2))
+
+
+def test_residual_mlp():
+    model = randomize(ResidualMLP())
+    x = torch.randn(5, 12)
+    spec = infer(model, x)
+    print("residual mlp groups:", spec.groups)
+    assert len(spec.groups) == 4  # the stream + one hidden group per block
+    assert spec.groups["stream"] == 16
+    assert_symmetry(model, x, spec)
+    assert_hidden_covered(model, spec, skip={"out"})
+
+
+def test_bottleneck_resnet():
+    model = randomize(BottleneckResNet())
+    x = torch.randn(3, 3, 8, 8)
+    spec = infer(model, x)
+    print("bottleneck resnet groups:", spec.groups)
+    # stem+layer1 stream, layer2 stream, and 2 inner groups per block (4 blocks)
+    assert len(spec.groups) == 2 + 8
+    assert_symmetry(model, x, spec)
+    assert_hidden_covered(model, spec, skip={"fc"})
+
+
+def test_unet_with_concatenation():
+    model = randomize(UNet())
+    x = torch.randn(2, 1, 8, 8)
+    spec = infer(model, x)
+    print("unet groups:", spec.groups, spec.heads)
+    assert_symmetry(model, x, spec)
+    assert_hidden_covered(model, spec, skip={"head"})
+    # the decoder's input columns are the direct sum of the upsampled and the skip channels
+    dec = [(g, s) for g, s in spec.slots_of("dec.0.weight") if s.axis == 1]
+    assert {s.offset for _, s in dec} == {0, 8}
+    assert len({g for g, _ in dec}) == 2
+
+
+def test_gpt_with_fused_qkv_and_tied_embeddings():
+    model = randomize(MiniGPT())
+    assert model.lm_head.weight is model.wte.weight
+    idx = torch.randint(0, 20, (3, 10))
+    spec = infer(model, idx)
+    print("minigpt groups:", spec.groups, spec.heads)
+    assert len(spec.groups) == 1 + 2 * 2
+    assert spec.heads["h.0.attn"] == mc.Heads(2, ((0, 8), (16, 8)))
+    # tied weights: both keys are permuted, the same way, along the stream (axis 1)
+    assert {"wte.weight", "lm_head.weight"} <= spec.params()
+    assert not covered(spec, model.state_dict(), "wte.weight", 0).any()  # vocabulary stays
+    assert covered(spec, model.state_dict(), "lm_head.weight", 1).all()
+    # fused qkv rows: q at offset 0, k at offset 16 (units 0..15), v at 32 (units 16..31)
+    rows = sorted((s.offset, s.unit_start, s.length) for _, s in spec.slots_of("h.0.attn.c_attn.weight")
+                  if s.axis == 0)
+    assert rows == [(0, 0, 16), (16, 0, 16), (32, 16, 16)]
+    assert_symmetry(model, idx, spec)
+
+
+def test_sdpa_attention_with_distinct_qk_and_v_head_sizes():
+    model = randomize(SDPAttention())
+    x = torch.randn(2, 6, 12)
+    spec = infer(model, x)
+    assert spec.heads[next(iter(spec.heads))] == mc.Heads(3, ((0, 4), (12, 5)))
+    assert_symmetry(model, x, spec)
+
+
+def test_torch_transformer_encoder():
+    layer = nn.TransformerEncoderLayer(16, 4, dim_feedforward=32, dropout=0.0, batch_first=True)
+    model = randomize(nn.Sequential(nn.Linear(6, 16), nn.TransformerEncoder(layer, 2,
+                                                                           enable_nested_tensor=False),
+                                    nn.Linear(16, 3)))
+    x = torch.randn(2, 5, 6)
+    spec = infer(model, x)
+    print("TransformerEncoder groups:", spec.groups, spec.heads)
+    assert len(spec.groups) == 1 + 2 * 2
+    assert all(h == mc.Heads(4, ((0, 4), (16, 4))) for h in spec.heads.values())
+    assert len(spec.heads) == 2
+    assert_symmetry(model, x, spec)
+
+
+@pytest.fixture(scope="module")
+def hf():
+    return pytest.importorskip("transformers")
+
+
+def test_hf_bert(hf):
+    cfg = hf.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=24, max_position_embeddings=16, num_labels=3,
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    model = randomize(hf.BertForSequenceClassification(cfg).eval())
+    ids = torch.randint(0, 50, (2, 7))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    spec = mc.infer_spec(model, inputs, verify=False)
+    print(f"BERT: {len(spec.groups)} groups, {len(spec.heads)} attention groups: {spec.groups}")
+    assert len(spec.groups) >= 1 + 2 * 2
+    assert len(spec.heads) == 2
+    assert_symmetry(model, inputs, spec, seeds=(0,))
+
+
+def test_hf_gpt2(hf):
+    cfg = hf.GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=2, n_head=2,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    torch.manual_seed(0)
+    model = randomize(hf.GPT2LMHeadModel(cfg).eval())
+    ids = torch.randint(0, 50, (2, 7))
+    spec = mc.infer_spec(model, {"input_ids": ids}, verify=False)
+    print(f"GPT-2: {len(spec.groups)} groups, {len(spec.heads)} attention groups: {spec.groups}")
+    assert len(spec.groups) >= 1 + 2 * 2
+    assert len(spec.heads) == 2
+    assert_symmetry(model, {"input_ids": ids}, spec, seeds=(0,))
+
+
+# --------------------------------------------------------------------------------------------
+# unknown ops: conservative, never wrong
+# --------------------------------------------------------------------------------------------
+class _Mix(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return torch.from_numpy(x.detach().numpy()[:, ::-1].copy())  # reverses the channels
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.flip(1)
+
+
+class WithCustomFunction(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.c(F.relu(self.b(_Mix.apply(F.relu(self.a(x))))))
+
+
+class WithFlipAndSlice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(11, 3)
+
+    def forward(self, x):
+        h = F.relu(self.a(x)).flip(1)  # position-dependent on the hidden axis
+        g = F.relu(self.b(h))
+        return self.c(torch.cat([g, g[:, :3]], dim=1))  # slicing the hidden axis
+
+
+@pytest.mark.parametrize("cls", [WithCustomFunction, WithFlipAndSlice])
+def test_unknown_ops_give_a_conservative_spec_with_a_warning(cls):
+    model = randomize(cls())
+    x = torch.randn(4, 6)
+    with pytest.warns(UserWarning, match="not permuted"):
+        spec = mc.infer_spec(model, x, verify=False)
+    # a.weight's rows feed the unknown op: they must stay in place
+    assert not covered(spec, model.state_dict(), "a.weight", 0).any()
+    if spec.groups:
+        assert_symmetry(model, x, spec)
+
+
+def test_untraceable_model_raises_spec_error_naming_the_fix():
+    class Bad(nn.Module):
+        def forward(self, x):
+            return torch.from_numpy(x.numpy() * 2)
+
+    with pytest.raises(SpecError, match="from_axes"):
+        mc.infer_spec(Bad(), torch.randn(2, 3))
+
+
+def test_verification_drops_a_wrong_group():
+    from modeconn._src import infer as infer_mod
+
+    model = randomize(nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 6), nn.ReLU(),
+                                    nn.Linear(6, 2)))
+    x = torch.randn(5, 4)
+    good = infer(model, x)
+    wrong = mc.PermutationSpec(
+        groups={**good.groups, "bad": 6},
+        slots={**good.slots, "bad": (mc.Slot("2.bias", 0),)},  # a bias alone: breaks the function
+    )
+    with pytest.warns(UserWarning, match="bad"):
+        fixed = infer_mod._verify(model, wrong, {"input": x}, warn=True)
+    assert set(fixed.groups) == set(good.groups)
+
+
+# --------------------------------------------------------------------------------------------
+# property test over random MLP / CNN shapes
+# --------------------------------------------------------------------------------------------
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    widths=st.lists(st.integers(1, 7), min_size=1, max_size=3),
+    conv=st.booleans(),
+    norm=st.sampled_from([None, "bn", "ln"]),
+    residual=st.booleans(),
+    seed=st.integers(0, 10_000),
+)
+def test_property_random_mlps_and_cnns(widths, conv, norm, residual, seed):
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    cin = 2
+    for w in widths:
+        if conv:
+            layers.append(nn.Conv1d(cin, w, 3, padding=1))
+            if norm == "bn":
+                layers.append(nn.BatchNorm1d(w))
+            elif norm == "ln":
+                layers.append(nn.GroupNorm(1, w))
+        else:
+            layers.append(nn.Linear(cin, w))
+            if norm:
+                layers.append(nn.BatchNorm1d(w) if norm == "bn" else nn.LayerNorm(w))
+        layers.append(nn.ReLU())
+        cin = w
+    if residual:  # a residual block on the last hidden width
+        body = nn.Sequential(nn.Conv1d(cin, cin, 1) if conv else nn.Linear(cin, cin), nn.Tanh())
+
+        class Res(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.body = body
+
+            def forward(self, x):
+                return x + self.body(x)
+
+        layers.append(Res())
+    layers += [nn.Flatten(), nn.Linear(cin * (5 if conv else 1), 3)]
+    model = randomize(nn.Sequential(*layers), seed)
+    x = torch.randn(4, 2, 5) if conv else torch.randn(4, 2)
+    spec = infer(model, x)
+    expected = sum(1 for w in widths if w > 1)
+    assert len(spec.groups) == expected
+    if spec.groups:
+        assert_symmetry(model, x, spec, seeds=(seed,))
