@@ -3,16 +3,18 @@
 Two settings, both MLPs (width 128, 2 hidden layers):
 
 A. Task vectors: one model pretrained on half of the training split (all classes), then fine-tuned
-   on three class subsets ({0,1,2}, {3,4,5}, {6,7,8,9}); every method merges the three fine-tunes
-   (the task-vector methods with the pretrained model as ``base``).
+   on three class subsets ({0,1,2}, {3,4,5}, {6,7,8,9}) of the whole training split (A), or on
+   three disjoint thirds of the unused half, all classes (A2); every method merges the three
+   fine-tunes (the task-vector methods with the pretrained model as ``base``).
 B. Independent models: three models trained from different seeds on the whole training split;
    merged without alignment, and after weight matching (merge-many for N = 3) and activation
    matching onto the first model.
 
 Held-out data: the last 500 examples of the training split are never trained on; they serve as
 the greedy soup's held-out set and to tune the task-vector scale lambda (grid below). The table
-reports accuracy on the test split (all classes) and, in setting A, the mean over the three tasks
-of the accuracy on that task's classes. Trained models are cached under ``runs/merging/``.
+reports accuracy on the test split (all classes) and, in settings A/A2, the mean over the three
+class tasks of the accuracy on that task's classes. Fisher uses 300 examples per model.
+Trained models are cached under ``runs/merging/``.
 
 Run:  .venv/bin/python experiments/merging.py            (writes runs/merging/table.md, .json)
 """
@@ -31,7 +33,7 @@ import modeconn as mc
 from modeconn._src.io import atomic_write
 
 TASKS = [(0, 1, 2), (3, 4, 5), (6, 7, 8, 9)]
-SCALES = [0.3, 0.5, 0.7, 1.0, 1.5]
+SCALES = [0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5]
 MODEL_KW = {"width": 128, "depth": 2}
 
 
@@ -90,11 +92,12 @@ def run(out: Path, epochs: int, quick: bool) -> list[dict]:
         return mc.train(net, data, epochs=ep, lr=lr, seed=seed, progress=False).model
 
     models = out / "models"
+    n_fisher = 100 if quick else 300
     rows: list[dict] = []
 
     def add(setting: str, name: str, aligned: str, model: Any, state: Any, note: str = "") -> None:
         row = {"setting": setting, "model": name, "aligned": aligned, "note": note,
-               **_accuracies(model, state, test, setting == "A")}
+               **_accuracies(model, state, test, setting != "B")}
         rows.append(row)
         print(f"  {setting} {name:<28} {aligned:<10} " + "  ".join(
             f"{k}={v:.3f}" for k, v in row.items() if k.endswith("acc")) + f"  {note}", flush=True)
@@ -103,34 +106,48 @@ def run(out: Path, epochs: int, quick: bool) -> list[dict]:
     t0 = time.time()
     pre = _cached(models / "pre.safetensors", build,
                   lambda: fit(build(0), (xtr[:half], ytr[:half]), epochs, 0.1, 0))
-    tuned = [
-        _cached(models / f"task{i}.safetensors", build,
-                lambda i=i: fit(pre, _subset(xtr, ytr, TASKS[i]), max(2, epochs // 2), 0.05, i))
-        for i in range(len(TASKS))
-    ]
-    print(f"setting A: models ready ({time.time() - t0:.0f}s)", flush=True)
-    base, states = pre.state_dict(), [m.state_dict() for m in tuned]
-    task_data = [_subset(xtr, ytr, t) for t in TASKS]
+    base = pre.state_dict()
     add("A", "pretrained (base)", "-", pre, base)
-    for i, s in enumerate(states):
-        add("A", f"fine-tuned on {TASKS[i]}", "-", pre, s)
-    add("A", "average", "no", pre, mc.merge(states))
-    add("A", "soup (greedy)", "no", pre, mc.merge(states, method="soup", model=pre, data=val))
-    add("A", "fisher", "no", pre, mc.merge(states, method="fisher", model=pre, data=task_data,
-                                           n_examples=300 if quick else 1000))
-    add("A", "regmean", "no", pre, mc.merge(states, method="regmean", model=pre, data=task_data))
-    add("A", "task_arithmetic (mean)", "no", pre,
-        mc.merge(states, method="task_arithmetic", base=base))
-    for method, kw in (("task_arithmetic", {}), ("ties", {"density": 0.2}),
-                       ("dare", {"p": 0.5}), ("dare", {"p": 0.5, "consensus": True})):
-        merged, lam = _tuned(pre, states, val, method, base=base, **kw)
-        label = method + ("+ties" if kw.get("consensus") else "")
-        add("A", f"{label} (lambda tuned)", "no", pre, merged, f"lambda={lam}")
-    add("A", "slerp (tasks 0,1)", "no", pre, mc.merge(states[:2], method="slerp"))
-    add("A", "task_arithmetic (mean)", "weight", pre,
-        mc.merge(states, method="task_arithmetic", base=base, align="weight", model=pre,
-                 data=val))
-    add("A", "average", "weight", pre, mc.merge(states, align="weight", model=pre, data=val))
+    third = (len(xtr) - half) // 3
+    settings = {
+        "A": ("class subsets", [_subset(xtr, ytr, t) for t in TASKS]),
+        "A2": ("data subsets", [(xtr[half + i * third : half + (i + 1) * third],
+                                 ytr[half + i * third : half + (i + 1) * third])
+                                for i in range(3)]),
+    }
+    for tag, (what, task_data) in settings.items():
+        tuned = [
+            _cached(models / f"{tag}_task{i}.safetensors", build,
+                    lambda i=i, d=d: fit(pre, d, max(2, epochs // 2), 0.05, i))
+            for i, d in enumerate(task_data)
+        ]
+        print(f"setting {tag} ({what}): models ready ({time.time() - t0:.0f}s)", flush=True)
+        states = [m.state_dict() for m in tuned]
+        for i, st in enumerate(states):
+            if tag == "A":
+                own = mc.evaluate(pre, _subset(*test, TASKS[i]), state=st).accuracy
+                add(tag, f"fine-tuned on classes {TASKS[i]}", "-", pre, st,
+                    f"own classes: {own:.3f}")
+            else:
+                add(tag, f"fine-tuned on data third {i}", "-", pre, st)
+        add(tag, "average", "no", pre, mc.merge(states))
+        add(tag, "soup (greedy)", "no", pre,
+            mc.merge(states, method="soup", model=pre, data=val))
+        add(tag, "fisher", "no", pre, mc.merge(states, method="fisher", model=pre,
+                                               data=task_data, n_examples=n_fisher))
+        add(tag, "regmean", "no", pre,
+            mc.merge(states, method="regmean", model=pre, data=task_data))
+        add(tag, "task_arithmetic (mean)", "no", pre,
+            mc.merge(states, method="task_arithmetic", base=base))
+        for method, kw in (("task_arithmetic", {}), ("ties", {"density": 0.2}),
+                           ("dare", {"p": 0.5}), ("dare", {"p": 0.5, "consensus": True})):
+            merged, lam = _tuned(pre, states, val, method, base=base, **kw)
+            label = method + ("+ties" if kw.get("consensus") else "")
+            add(tag, f"{label} (lambda tuned)", "no", pre, merged, f"lambda={lam}")
+        add(tag, "slerp (first two)", "no", pre, mc.merge(states[:2], method="slerp"))
+        add(tag, "ties (lambda 1)", "weight", pre,
+            mc.merge(states, method="ties", base=base, align="weight", model=pre, data=val))
+        add(tag, "average", "weight", pre, mc.merge(states, align="weight", model=pre, data=val))
 
     # --- B: independent models from different seeds -----------------------------------------
     t0 = time.time()
@@ -151,8 +168,8 @@ def run(out: Path, epochs: int, quick: bool) -> list[dict]:
         add("B", "average", tag, ref, mc.merge(sstates, **common))
         add("B", "soup (greedy)", tag, ref,
             mc.merge(sstates, method="soup", align=align, model=ref, data=val))
-        add("B", "fisher", tag, ref, mc.merge(sstates, method="fisher", n_examples=300 if quick
-                                              else 1000, **common))
+        add("B", "fisher", tag, ref,
+            mc.merge(sstates, method="fisher", n_examples=n_fisher, **common))
         add("B", "regmean", tag, ref, mc.merge(sstates, method="regmean", **common))
         add("B", "slerp (seeds 0,1)", tag, ref, mc.merge(sstates[:2], method="slerp", **common))
     return rows

@@ -345,7 +345,8 @@ def repair(
     Skipped layers: those whose output feeds a BatchNorm (:func:`reset_bn` renormalises them: for a
     BN network REPAIR is a BN reset, which this function also does first and last), those producing
     the network's output (logits), and those called more than once per forward pass. A layer
-    without bias only gets the rescaling (its mean then follows ``s * mu_M``).
+    without bias only gets the rescaling (its mean then follows ``s * mu_M``). Attention
+    projections (q, k, v, out) are corrected like any Linear; pass ``layers=`` to restrict.
     ``model_b`` must be the *aligned* B whose interpolation gave ``model_merged``.
 
     Args:

@@ -381,11 +381,16 @@ def check_permutation(spec: PermutationSpec, perm: Mapping[str, Tensor]) -> None
             raise SpecError(f"permutation of group {g!r} is not a permutation of 0..{n - 1}")
         if g in spec.heads:
             h = spec.heads[g]
+            head_perm = None
             for start, d in h.segments:
                 blocks = p[start : start + h.num_heads * d].view(h.num_heads, d)
                 src = (blocks - start) // d
-                if not (src == src[:, :1]).all() or (blocks < start).any():
+                if not (src == src[:, :1]).all() or (blocks < start).any() or (src >= h.num_heads).any():
                     raise SpecError(f"permutation of attention group {g!r} splits a head")
+                if head_perm is None:
+                    head_perm = src[:, 0]
+                elif not torch.equal(src[:, 0], head_perm):
+                    raise SpecError(f"permutation of attention group {g!r} moves q/k and v heads differently")
 
 
 def apply_permutation(spec: PermutationSpec, perm: Mapping[str, Tensor], state: Mapping[str, Tensor]) -> State:

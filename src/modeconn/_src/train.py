@@ -96,8 +96,9 @@ def train(
     (Madry et al., ICLR 2018): each batch is replaced by PGD-ℓ∞ examples crafted on the current
     weights (model in eval mode while crafting, so BN statistics see only the training batch).
 
-    Deterministic on CPU: the same ``seed`` gives bit-identical weights (torch's RNG is forked
-    and seeded; shuffling uses a private generator). The global RNG state is left unchanged.
+    Deterministic on CPU: the same ``seed`` (and the same number of torch threads) gives
+    bit-identical weights (torch's RNG is forked and seeded; shuffling uses a private
+    generator). The global RNG state is left unchanged.
 
     Args:
         model: the network (not modified).
@@ -149,7 +150,12 @@ def train(
     history: list[dict[str, float]] = []
     start = time.perf_counter()
 
-    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+    cuda_ids = (
+        [dev.index if dev.index is not None else torch.cuda.current_device()]
+        if (dev.type == "cuda")
+        else []
+    )
+    with torch.random.fork_rng(devices=cuda_ids):
         torch.manual_seed(seed)
         attack_gen = torch.Generator().manual_seed(seed + 1)
         opt = _optimizer(optimizer, net.parameters(), lr, momentum, weight_decay)
