@@ -342,7 +342,7 @@ def activation_matching(
                 stats = _correlations(ma, mb, spec, site_groups, batches(mb), dev, eps, advance)
                 perm = identity_permutation(spec)
                 for g in site_groups:
-                    perm[g] = solve_assignment(stats[g].corr, spec.heads.get(g))
+                    perm[g] = _solve(spec, g, stats[g].corr)
             else:
                 perm = identity_permutation(spec)
                 stats = {}
@@ -352,7 +352,7 @@ def activation_matching(
                     stats[g] = _correlations(
                         ma, mb, spec, [g], batches(mb_g), dev, eps, advance, state_b=st
                     )[g]
-                    perm[g] = solve_assignment(stats[g].corr, spec.heads.get(g))
+                    perm[g] = _solve(spec, g, stats[g].corr)
     finally:
         model_a.train(modes[0])
         model_b.train(modes[1])
@@ -389,6 +389,13 @@ def activation_matching(
             "constant_units_rematched": rematched,
         },
     )
+
+
+def _solve(spec: PermutationSpec, g: str, corr: Tensor) -> Tensor:
+    """Maximise the trace of the permuted correlation (seed code: ``lsa(1.01 - corr)``)."""
+    from .weight import block_mask, masked
+
+    return solve_assignment(masked(corr, block_mask(spec, g)), spec.heads.get(g))
 
 
 def _on_device(model: nn.Module, dev: torch.device) -> nn.Module:

@@ -25,6 +25,35 @@ from .api import register_aligner
 _TOL = 1e-12  # an update is kept only if it raises the objective by more than this
 
 
+def block_mask(spec: PermutationSpec, group: str) -> Tensor | None:
+    """Which unit pairs ``(i, j)`` a valid permutation of ``group`` may map onto each other.
+
+    A slot carrying only units ``[unit_start, unit_start + length)`` (concatenations) forbids
+    moving units across its range; units may swap only if every slot carries both or neither.
+    ``None`` when nothing is forbidden (all slots carry the whole group) or for attention groups
+    (their structure is handled by :func:`~modeconn.solve_assignment`).
+    """
+    size = spec.groups[group]
+    if group in spec.heads:
+        return None
+    slots = spec.slots.get(group, ())
+    partial = [s for s in slots if s.unit_start != 0 or s.n_units(size) != size]
+    if not partial:
+        return None
+    sig = torch.zeros(size, len(partial), dtype=torch.bool)
+    for k, s in enumerate(partial):
+        sig[s.unit_start : s.unit_start + s.n_units(size), k] = True
+    return (sig[:, None, :] == sig[None, :, :]).all(-1)
+
+
+def masked(score: Tensor, mask: Tensor | None) -> Tensor:
+    """``score`` with forbidden pairs set far below any feasible assignment's value."""
+    if mask is None:
+        return score
+    low = -(score.abs().sum() + 1.0) * 2
+    return score.masked_fill(~mask.to(score.device), float(low))
+
+
 @dataclass
 class _SlotTerm:
     """One (tensor, axis) slot of a group, with A's side flattened once."""
@@ -85,6 +114,7 @@ class _Problem:
                 terms.append(_SlotTerm(s.param, s.axis, s.unit_start, n, flat, a_mat))
             if terms:
                 self.terms[g] = terms
+        self.masks = {g: block_mask(spec, g) for g in self.terms}
         self._index: dict[tuple[str, int], Tensor] = {}
         self._index_for: object = None  # the permutation object the cached indices belong to
 
@@ -130,7 +160,7 @@ class _Problem:
                     b = b.index_select(axis, self.index((t.param, axis), perm))
             b_mat = b.movedim(t.axis, 0).reshape(t.n, -1).to(self.dtype)
             c[t.lo : t.lo + t.n, t.lo : t.lo + t.n] += t.a_mat @ b_mat.T
-        return c
+        return masked(c, self.masks[g])
 
     def objective(self, perm: Mapping[str, Tensor]) -> float:
         """``sum over the spec's tensors of <W_A, pi(W_B)>`` (float64)."""
