@@ -1,1 +1,1 @@
-"""modeconn benchmarks: `python -m benchmarks [name ...]` runs bench_<name>.py modules (all by default)."""
+"""modeconn benchmarks: `python -m benchmarks [name ...]` runs the bench_<name>.py modules."""

@@ -83,8 +83,10 @@ def _bench_activation(label: str, a: torch.nn.Module, b: torch.nn.Module, x: tor
     t0 = time.perf_counter()
     mc.activation_matching(a, b, (x, y), spec=spec)
     dt = time.perf_counter() - t0
-    print(f"activation matching {label}: {dt / len(x) * 1e4:.2f} s per 10k samples "
-          f"({len(x)} samples, {len(spec.groups)} groups)")
+    print(
+        f"activation matching {label}: {dt / len(x) * 1e4:.2f} s per 10k samples "
+        f"({len(x)} samples, {len(spec.groups)} groups)"
+    )
 
 
 def main() -> None:

@@ -34,8 +34,9 @@ def _setup(method: str) -> tuple[list, dict]:
     from modeconn._src.merge import get_method
 
     def net(seed: int) -> torch.nn.Module:
-        return mc.models.create("mlp", input_shape=(256,), num_classes=10, width=640, depth=3,
-                                seed=seed)
+        return mc.models.create(
+            "mlp", input_shape=(256,), num_classes=10, width=640, depth=3, seed=seed
+        )
 
     m = get_method(method)
     n = m.max_models or N_MODELS
@@ -45,8 +46,13 @@ def _setup(method: str) -> tuple[list, dict]:
         kw["base"] = {k: v.detach().clone() for k, v in net(99).state_dict().items()}
     if m.needs_data:
         g = torch.Generator().manual_seed(0)
-        kw.update(model=net(0), data=(torch.randn(N_EXAMPLES, 256, generator=g),
-                                      torch.randint(0, 10, (N_EXAMPLES,), generator=g)))
+        kw.update(
+            model=net(0),
+            data=(
+                torch.randn(N_EXAMPLES, 256, generator=g),
+                torch.randint(0, 10, (N_EXAMPLES,), generator=g),
+            ),
+        )
     return states, kw
 
 
@@ -91,8 +97,10 @@ def _time(method: str, repeats: int) -> tuple[float, int]:
 def main() -> None:
     torch.set_num_threads(2)
     root = Path(__file__).resolve().parents[1]
-    print(f"{N_MODELS} models (slerp: 2) of the zoo MLP 256-640x3-10; data-dependent methods: "
-          f"{N_EXAMPLES} examples; best of repeats; 2 threads")
+    print(
+        f"{N_MODELS} models (slerp: 2) of the zoo MLP 256-640x3-10; data-dependent methods: "
+        f"{N_EXAMPLES} examples; best of repeats; 2 threads"
+    )
     print(f"{'method':<16} {'s / M params':>12} {'peak extra / one model':>24}")
     have_proc = Path("/proc/self/clear_refs").exists()
     for method in METHODS:
@@ -100,9 +108,15 @@ def main() -> None:
         ratio = "n/a"
         if have_proc:
             res = subprocess.run(
-                [sys.executable, "-c",
-                 f"from benchmarks.bench_merge import memory_probe; memory_probe({method!r})"],
-                cwd=root, capture_output=True, text=True, check=False,
+                [
+                    sys.executable,
+                    "-c",
+                    f"from benchmarks.bench_merge import memory_probe; memory_probe({method!r})",
+                ],
+                cwd=root,
+                capture_output=True,
+                text=True,
+                check=False,
             )
             try:
                 r = json.loads(res.stdout.strip().splitlines()[-1])
@@ -110,9 +124,11 @@ def main() -> None:
             except (IndexError, ValueError, KeyError):
                 ratio = "failed: " + (res.stderr.strip().splitlines() or ["?"])[-1][:40]
         print(f"{method:<16} {seconds / (n / 1e6):>12.4f} {ratio:>24}", flush=True)
-    print("peak extra = VmHWM during the merge - RSS before it (output state included); one model"
-          " = 4.0 MB of float32 weights. Fisher's peak is dominated by per-example gradients"
-          " (batch_size x model; lower it with batch_size=).")
+    print(
+        "peak extra = VmHWM during the merge - RSS before it (output state included); one model"
+        " = 4.0 MB of float32 weights. Fisher's peak is dominated by per-example gradients"
+        " (batch_size x model; lower it with batch_size=)."
+    )
 
 
 if __name__ == "__main__":

@@ -30,7 +30,10 @@ def _run(norm: str | None, splits: mc.data.Splits) -> None:
     a, b = (
         mc.train(
             mc.models.create("mlp", input_shape=splits.input_shape, seed=s, **kw),
-            splits, epochs=10, seed=s, progress=False,
+            splits,
+            epochs=10,
+            seed=s,
+            progress=False,
         ).model
         for s in (0, 1)
     )
@@ -38,8 +41,10 @@ def _run(norm: str | None, splits: mc.data.Splits) -> None:
     ea, eb = evaluate(a, splits.test), evaluate(b, splits.test)
     label = "MLP+BN" if norm else "MLP"
     fix_name = "BN reset" if norm else "REPAIR"
-    print(f"{label}: endpoints test loss {ea.loss:.3f} / {eb.loss:.3f}, "
-          f"accuracy {ea.accuracy:.3f} / {eb.accuracy:.3f}")
+    print(
+        f"{label}: endpoints test loss {ea.loss:.3f} / {eb.loss:.3f}, "
+        f"accuracy {ea.accuracy:.3f} / {eb.accuracy:.3f}"
+    )
     methods = {
         "identity": lambda: mc.identity_permutation(spec),
         "weight": lambda: mc.weight_matching(spec, a.state_dict(), b.state_dict()),
@@ -60,8 +65,10 @@ def _run(norm: str | None, splits: mc.data.Splits) -> None:
         dt_fix = time.perf_counter() - t0
         lb, eb_ = _barrier(a, bb, mid, splits.test)
         la, ea_ = _barrier(a, bb, fixed, splits.test)
-        print(f"  {name:16s} ({dt:5.2f} s): barrier loss {lb:6.3f} -> {la:6.3f}, "
-              f"error {eb_:5.1f} -> {ea_:5.1f} points after {fix_name} ({dt_fix:.2f} s)")
+        print(
+            f"  {name:16s} ({dt:5.2f} s): barrier loss {lb:6.3f} -> {la:6.3f}, "
+            f"error {eb_:5.1f} -> {ea_:5.1f} points after {fix_name} ({dt_fix:.2f} s)"
+        )
 
 
 def main() -> None:

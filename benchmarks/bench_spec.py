@@ -78,8 +78,9 @@ def main() -> None:
     torch.set_num_threads(1)  # small models: threads only add noise on a shared machine
     torch.manual_seed(0)
     _report("50-block residual CNN (16 ch, 8x8)", ResNet50Blocks(), torch.randn(2, 3, 8, 8), 50)
-    model = mc.models.create("transformer", input_shape=(64,), num_classes=10, dim=64, depth=12,
-                             num_heads=4)
+    model = mc.models.create(
+        "transformer", input_shape=(64,), num_classes=10, dim=64, depth=12, num_heads=4
+    )
     _report("12-layer transformer (dim 64, 4 heads)", model, torch.randn(2, 64), 12)
 
 

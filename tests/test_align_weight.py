@@ -145,7 +145,7 @@ def test_planted_permutation_with_block_repeats_offset_and_unit_start():
     assert torch.equal(found["g1"], torch.argsort(planted["g1"]))
     # unrelated states: g2's units may not cross its two fused ranges (0-2 | 3-5); the result
     # must still be a permutation the spec accepts
-    other = rand_state({k: tuple(v.shape) for k, v in a.items()}, 1)
+    other = rand_state({k: tuple(v.shape) for k, v in a.items()}, 2)  # crosses without the mask
     free = weight_matching(spec, a, other)
     assert sorted(free["g2"][:3].tolist()) == [0, 1, 2]
     apply_permutation(spec, free, other)  # raises if a unit left its slot's range

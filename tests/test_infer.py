@@ -172,8 +172,12 @@ class ResidualMLP(nn.Module):
         super().__init__()
         self.inp = nn.Linear(d_in, width)
         self.blocks = nn.ModuleList(
-            nn.Sequential(nn.LayerNorm(width), nn.Linear(width, 2 * width), nn.GELU(),
-                          nn.Linear(2 * width, width))
+            nn.Sequential(
+                nn.LayerNorm(width),
+                nn.Linear(width, 2 * width),
+                nn.GELU(),
+                nn.Linear(2 * width, width),
+            )
             for _ in range(depth)
         )
         self.out = nn.Linear(width, n_out)
@@ -199,8 +203,9 @@ class Bottleneck(nn.Module):
         self.bn3 = nn.BatchNorm2d(cout)
         self.downsample = None
         if stride != 1 or cin != cout:
-            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
-                                            nn.BatchNorm2d(cout))
+            self.downsample = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+            )
 
     def forward(self, x):
         identity = x if self.downsample is None else self.downsample(x)
@@ -364,8 +369,11 @@ def test_gpt_with_fused_qkv_and_tied_embeddings():
     assert not covered(spec, model.state_dict(), "wte.weight", 0).any()  # vocabulary stays
     assert covered(spec, model.state_dict(), "lm_head.weight", 1).all()
     # fused qkv rows: q at offset 0, k at offset 16 (units 0..15), v at 32 (units 16..31)
-    rows = sorted((s.offset, s.unit_start, s.length) for _, s in spec.slots_of("h.0.attn.c_attn.weight")
-                  if s.axis == 0)
+    rows = sorted(
+        (s.offset, s.unit_start, s.length)
+        for _, s in spec.slots_of("h.0.attn.c_attn.weight")
+        if s.axis == 0
+    )
     assert rows == [(0, 0, 16), (16, 0, 16), (32, 16, 16)]
     assert_symmetry(model, idx, spec)
 
@@ -380,9 +388,13 @@ def test_sdpa_attention_with_distinct_qk_and_v_head_sizes():
 
 def test_torch_transformer_encoder():
     layer = nn.TransformerEncoderLayer(16, 4, dim_feedforward=32, dropout=0.0, batch_first=True)
-    model = randomize(nn.Sequential(nn.Linear(6, 16), nn.TransformerEncoder(layer, 2,
-                                                                           enable_nested_tensor=False),
-                                    nn.Linear(16, 3)))
+    model = randomize(
+        nn.Sequential(
+            nn.Linear(6, 16),
+            nn.TransformerEncoder(layer, 2, enable_nested_tensor=False),
+            nn.Linear(16, 3),
+        )
+    )
     x = torch.randn(2, 5, 6)
     spec = infer(model, x)
     print("TransformerEncoder groups:", spec.groups, spec.heads)
@@ -398,9 +410,17 @@ def hf():
 
 
 def test_hf_bert(hf):
-    cfg = hf.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=24, max_position_embeddings=16, num_labels=3,
-                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    cfg = hf.BertConfig(
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=24,
+        max_position_embeddings=16,
+        num_labels=3,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     torch.manual_seed(0)
     model = randomize(hf.BertForSequenceClassification(cfg).eval())
     ids = torch.randint(0, 50, (2, 7))
@@ -413,8 +433,16 @@ def test_hf_bert(hf):
 
 
 def test_hf_gpt2(hf):
-    cfg = hf.GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=2, n_head=2,
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    cfg = hf.GPT2Config(
+        vocab_size=50,
+        n_positions=16,
+        n_embd=16,
+        n_layer=2,
+        n_head=2,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
     torch.manual_seed(0)
     model = randomize(hf.GPT2LMHeadModel(cfg).eval())
     ids = torch.randint(0, 50, (2, 7))
@@ -482,8 +510,9 @@ def test_untraceable_model_raises_spec_error_naming_the_fix():
 def test_verification_drops_a_wrong_group():
     from modeconn._src import infer as infer_mod
 
-    model = randomize(nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 6), nn.ReLU(),
-                                    nn.Linear(6, 2)))
+    model = randomize(
+        nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 2))
+    )
     x = torch.randn(5, 4)
     good = infer(model, x)
     wrong = mc.PermutationSpec(

@@ -31,8 +31,12 @@ def mlp_spec() -> tuple[PermutationSpec, dict[str, torch.Tensor]]:
     spec = PermutationSpec.from_axes(
         {"h1": 4, "h2": 5},
         {
-            "a.weight": ("h1", None), "a.bias": ("h1",), "bn.running_mean": ("h1",),
-            "b.weight": ("h2", "h1"), "b.bias": ("h2",), "c.weight": (None, "h2"),
+            "a.weight": ("h1", None),
+            "a.bias": ("h1",),
+            "bn.running_mean": ("h1",),
+            "b.weight": ("h2", "h1"),
+            "b.bias": ("h2",),
+            "c.weight": (None, "h2"),
         },
     )
     return spec, state
@@ -53,7 +57,9 @@ def test_apply_matches_explicit_index_select_and_is_pure():
 def test_inverse_and_compose_roundtrips():
     spec, state = mlp_spec()
     p, q = mc.random_permutation(spec, seed=1), mc.random_permutation(spec, seed=2)
-    back = mc.apply_permutation(spec, mc.inverse_permutation(p), mc.apply_permutation(spec, p, state))
+    back = mc.apply_permutation(
+        spec, mc.inverse_permutation(p), mc.apply_permutation(spec, p, state)
+    )
     assert all(torch.equal(back[k], state[k]) for k in state)
     two_steps = mc.apply_permutation(spec, q, mc.apply_permutation(spec, p, state))
     one_step = mc.apply_permutation(spec, mc.compose_permutations(p, q), state)
@@ -76,9 +82,14 @@ def test_block_repeats_offset_slots_match_a_manual_flatten():
 def test_json_roundtrip_keeps_everything():
     spec = PermutationSpec(
         groups={"h": 4, "att": 6},
-        slots={"h": (Slot("a", 0), Slot("b", 1, offset=2, block=3, repeats=2)),
-               "att": (Slot("q", 0, unit_start=0, length=4), Slot("v", 0, unit_start=4, length=2))},
-        sites={"h": (Site("relu", 1),), "att": (Site("qkv", -1, offset=3, unit_start=4, length=2),)},
+        slots={
+            "h": (Slot("a", 0), Slot("b", 1, offset=2, block=3, repeats=2)),
+            "att": (Slot("q", 0, unit_start=0, length=4), Slot("v", 0, unit_start=4, length=2)),
+        },
+        sites={
+            "h": (Site("relu", 1),),
+            "att": (Site("qkv", -1, offset=3, unit_start=4, length=2),),
+        },
         heads={"att": Heads(2, ((0, 2), (4, 1)))},
     )
     text = spec.to_json()

@@ -37,7 +37,9 @@ def solve_assignment(score: Tensor, heads: Heads | None = None) -> Tensor:
         raise ValueError(f"score must be a square matrix, got shape {tuple(score.shape)}")
     s = score.detach().double().cpu().numpy()
     if not np.isfinite(s).all():
-        raise ValueError("score matrix contains NaN or inf (are the weights or activations finite?)")
+        raise ValueError(
+            "score matrix contains NaN or inf (are the weights or activations finite?)"
+        )
     n = s.shape[0]
     if heads is None:
         return torch.from_numpy(_lap(s)).long()

@@ -18,7 +18,12 @@ DataLike = Any  # DataLoader | Dataset | tuple[Tensor, Tensor]
 
 
 def as_loader(
-    data: DataLike, *, batch_size: int = 256, shuffle: bool = False, seed: int = 0, drop_last: bool = False
+    data: DataLike,
+    *,
+    batch_size: int = 256,
+    shuffle: bool = False,
+    seed: int = 0,
+    drop_last: bool = False,
 ) -> DataLoader:
     """Turn a ``DataLoader``, a ``Dataset`` or a tuple ``(inputs, targets)`` into a DataLoader.
 
@@ -42,17 +47,24 @@ def as_loader(
     """
     if isinstance(data, DataLoader):
         return data
-    if isinstance(data, tuple | list) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
+    if (
+        isinstance(data, tuple | list)
+        and len(data) == 2
+        and all(isinstance(t, Tensor) for t in data)
+    ):
         x, y = data
         if len(x) != len(y):
             raise DataError(f"inputs have {len(x)} rows but targets have {len(y)}")
         data = TensorDataset(x, y)
     if not isinstance(data, Dataset):
         raise DataError(
-            f"expected a DataLoader, a Dataset or a tuple (inputs, targets), got {type(data).__name__}"
+            "expected a DataLoader, a Dataset or a tuple (inputs, targets), "
+            f"got {type(data).__name__}"
         )
     gen = torch.Generator().manual_seed(seed)
-    return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=gen, drop_last=drop_last)
+    return DataLoader(
+        data, batch_size=batch_size, shuffle=shuffle, generator=gen, drop_last=drop_last
+    )
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
@@ -66,7 +78,9 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
         return torch.device("cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise DataError("--device cuda was asked for, but no CUDA GPU is available; use --device cpu")
+        raise DataError(
+            "--device cuda was asked for, but no CUDA GPU is available; use --device cpu"
+        )
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise DataError("--device mps was asked for, but MPS is not available; use --device cpu")
     return dev

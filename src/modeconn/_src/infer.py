@@ -87,7 +87,9 @@ class _Vars:
             return ch[0]
         if kind == "prod" and len(ch) > 2:  # canonical: right-nested binary products
             ch = [ch[0], self.structure("prod", ch[1:])]
-        total = math.prod(self.size[c] for c in ch) if kind == "prod" else sum(self.size[c] for c in ch)
+        total = (
+            math.prod(self.size[c] for c in ch) if kind == "prod" else sum(self.size[c] for c in ch)
+        )
         v = self.new(total)
         if ch:
             self.defn[v] = (kind, tuple(ch))
@@ -162,59 +164,106 @@ def _is_t(d: Desc) -> bool:
 # ================================================================================================
 # The analysis
 # ================================================================================================
-_UNARY = {
-    "relu", "relu6", "gelu", "silu", "sigmoid", "tanh", "exp", "exp2", "log", "log2", "log10",
-    "neg", "abs", "sqrt", "rsqrt", "sin", "cos", "erf", "erfc", "leaky_relu", "elu", "selu",
-    "celu", "softplus", "hardtanh", "hardswish", "hardsigmoid", "mish", "logsigmoid",
-    "softsign", "tanhshrink", "hardshrink", "softshrink", "threshold", "dropout", "alpha_dropout",
-    "feature_alpha_dropout", "dropout1d", "dropout2d", "dropout3d", "clamp", "clip", "clamp_min",
-    "clamp_max", "float", "half", "double", "bfloat16", "to", "type", "type_as", "contiguous",
-    "clone", "detach", "reciprocal", "square", "sign", "sgn", "floor", "ceil", "round", "trunc",
-    "log1p", "expm1", "logit", "nan_to_num", "positive", "pos", "invert", "logical_not",
-    "bitwise_not", "softmax", "log_softmax", "softmin", "normalize", "requires_grad_", "cpu",
-    "isnan", "isinf", "isfinite", "sigmoid_", "relu_", "gelu_", "silu_", "tanh_", "fill_",
-    "zero_", "glu_placeholder", "alias", "erfinv", "atan", "asin", "acos", "sinh", "cosh",
-    "asinh", "acosh", "atanh", "tan", "frac", "deg2rad", "rad2deg", "exponential_", "bool",
-    "int", "long", "short", "byte", "char", "pin_memory", "cuda", "silu", "quick_gelu",
-}
-_BINARY = {
-    "add", "sub", "mul", "truediv", "div", "floordiv", "floor_divide", "true_divide", "pow",
-    "maximum", "minimum", "fmax", "fmin", "eq", "ne", "lt", "le", "gt", "ge", "and_", "or_",
-    "xor", "logical_and", "logical_or", "logical_xor", "remainder", "mod", "fmod", "atan2",
-    "where", "masked_fill", "lerp", "addcmul", "addcdiv", "iadd", "isub", "imul", "itruediv",
-    "rsub", "copysign", "hypot", "bitwise_and", "bitwise_or", "bitwise_xor", "mul_", "add_",
-    "sub_", "div_", "masked_fill_", "pow_", "clamp_", "lshift", "rshift", "xlogy", "heaviside",
-    "matmul_placeholder", "masked_scatter_placeholder", "eq_", "ne_", "float_power",
-}
-_REDUCE = {
-    "sum", "mean", "amax", "amin", "prod", "var", "std", "logsumexp", "nansum", "nanmean",
-    "all", "any", "count_nonzero",
-}
-_SHAPE_ONLY = {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as", "atleast_2d", "atleast_3d"}
-_PERMUTE = {"permute", "transpose", "swapaxes", "swapdims", "t", "movedim", "moveaxis", "T", "mT", "adjoint"}
-_FACTORY_FREE = {
-    "zeros", "ones", "full", "empty", "zeros_like", "ones_like", "full_like", "empty_like",
-    "new_zeros", "new_ones", "new_full", "new_empty", "scalar_tensor",
-}
-_NON_TENSOR_OK = {
-    "size", "dim", "numel", "ndimension", "element_size", "is_floating_point", "is_complex",
-    "get_device", "item", "is_contiguous", "data_ptr", "nelement", "finfo", "iinfo", "_assert",
-    "_assert_is_none", "getattr", "len", "is_tensor", "stride", "storage_offset",
-}
+def _words(text: str) -> frozenset[str]:
+    return frozenset(text.split())
+
+
+_UNARY = _words(
+    """
+    abs acos acosh alias alpha_dropout asin asinh atan atanh bfloat16 bitwise_not bool byte
+    ceil celu char clamp clamp_max clamp_min clip clone contiguous cos cosh cpu cuda deg2rad
+    detach double dropout dropout1d dropout2d dropout3d elu erf erfc erfinv exp exp2 expm1
+    feature_alpha_dropout fill_ float floor frac gelu gelu_ half
+    hardshrink hardsigmoid hardswish hardtanh int invert isfinite isinf isnan leaky_relu log
+    log10 log1p log2 log_softmax logical_not logit logsigmoid long mish nan_to_num neg
+    normalize pin_memory pos positive quick_gelu rad2deg reciprocal relu relu6 relu_
+    requires_grad_ round rsqrt selu sgn short sigmoid sigmoid_ sign silu silu_ sin sinh
+    softmax softmin softplus softshrink softsign sqrt square tan tanh tanh_ tanhshrink
+    threshold to trunc type type_as zero_
+    """
+)
+_BINARY = _words(
+    """
+    add add_ addcdiv addcmul and_ atan2 bitwise_and bitwise_or bitwise_xor clamp_ copysign
+    div div_ eq eq_ float_power floor_divide floordiv fmax fmin fmod ge gt heaviside hypot
+    iadd imul isub itruediv le lerp logical_and logical_or logical_xor lshift lt masked_fill
+    masked_fill_ maximum minimum mod mul mul_
+    ne ne_ or_ pow pow_ remainder rshift rsub sub sub_ true_divide truediv where xlogy xor
+    """
+)
+_REDUCE = _words(
+    """
+    all amax amin any count_nonzero logsumexp mean nanmean nansum prod std sum var
+    """
+)
+_SHAPE_ONLY = _words(
+    """
+    atleast_2d atleast_3d flatten reshape reshape_as squeeze unflatten unsqueeze view view_as
+    """
+)
+_PERMUTE = _words(
+    """
+    T adjoint mT moveaxis movedim permute swapaxes swapdims t transpose
+    """
+)
+_FACTORY_FREE = _words(
+    """
+    empty empty_like full full_like new_empty new_full new_ones new_zeros ones ones_like
+    scalar_tensor zeros zeros_like
+    """
+)
+_NON_TENSOR_OK = _words(
+    """
+    _assert _assert_is_none data_ptr dim element_size finfo get_device getattr iinfo
+    is_complex is_contiguous is_floating_point is_tensor item len ndimension nelement numel
+    size storage_offset stride
+    """
+)
 _ACTIVATION_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.RReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
-    nn.Mish, nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Hardsigmoid, nn.Hardswish, nn.Hardshrink,
-    nn.Softshrink, nn.Softplus, nn.Softsign, nn.Tanhshrink, nn.Threshold, nn.LogSigmoid,
-    nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
-    nn.FeatureAlphaDropout, nn.Softmax, nn.LogSoftmax, nn.Softmin, nn.Softmax2d,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.RReLU,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Hardtanh,
+    nn.Hardsigmoid,
+    nn.Hardswish,
+    nn.Hardshrink,
+    nn.Softshrink,
+    nn.Softplus,
+    nn.Softsign,
+    nn.Tanhshrink,
+    nn.Threshold,
+    nn.LogSigmoid,
+    nn.Identity,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.FeatureAlphaDropout,
+    nn.Softmax,
+    nn.LogSoftmax,
+    nn.Softmin,
+    nn.Softmax2d,
 )
 _POOL_MODULES = (
-    nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
-    nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd,
+    nn.modules.pooling._MaxPoolNd,
+    nn.modules.pooling._AvgPoolNd,
+    nn.modules.pooling._AdaptiveAvgPoolNd,
+    nn.modules.pooling._AdaptiveMaxPoolNd,
     nn.modules.pooling._LPPoolNd,
 )
 _PAD_MODULES = (
-    nn.modules.padding._ConstantPadNd, nn.modules.padding._ReflectionPadNd,
+    nn.modules.padding._ConstantPadNd,
+    nn.modules.padding._ReflectionPadNd,
     nn.modules.padding._ReplicationPadNd,
 )
 _NORM_LAST = (nn.LayerNorm,) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
@@ -310,10 +359,14 @@ class _Analysis:
         return None
 
     def value(self, a: Any) -> Any:
-        return fx.node.map_aggregate(a, lambda x: self.tr.values.get(x) if isinstance(x, fx.Node) else x)
+        return fx.node.map_aggregate(
+            a, lambda x: self.tr.values.get(x) if isinstance(x, fx.Node) else x
+        )
 
     def unknown(self, node: fx.Node, what: str, why: str = "unknown op") -> Desc:
-        ins = [self.arg_desc(a) for a in node.args] + [self.arg_desc(a) for a in node.kwargs.values()]
+        ins = [self.arg_desc(a) for a in node.args] + [
+            self.arg_desc(a) for a in node.kwargs.values()
+        ]
         has_tensor = any(self._has_tensor(d) for d in ins)
         out = self.out_desc_from_value(self.tr.values.get(node), pinned=True)
         if has_tensor or self._has_tensor(out):
@@ -389,7 +442,11 @@ class _Analysis:
                 d = self.out_desc_from_value(self.tr.values.get(node), pinned=True)
             elif node.op == "get_attr":
                 val = self.tr.values.get(node)
-                d = self.pvars(val) if isinstance(val, Tensor) else self.out_desc_from_value(val, True)
+                d = (
+                    self.pvars(val)
+                    if isinstance(val, Tensor)
+                    else self.out_desc_from_value(val, True)
+                )
             elif node.op == "output":
                 self.pin_all(self.arg_desc(node.args[0]))
                 continue
@@ -431,10 +488,15 @@ class _Analysis:
         if isinstance(m, nn.Linear):
             return self.linear(node, node.args[0], x, m.weight, m.bias, label)
         if isinstance(m, nn.modules.conv._ConvNd):
-            return self.conv(node, node.args[0], x, m.weight, m.bias, m.groups, m.transposed, label, out_val)
+            return self.conv(
+                node, node.args[0], x, m.weight, m.bias, m.groups, m.transposed, label, out_val
+            )
         if isinstance(m, nn.modules.batchnorm._BatchNorm | nn.modules.instancenorm._InstanceNorm):
             c = x[1] if len(x) > 1 else x[0]
-            if isinstance(m, nn.modules.instancenorm._InstanceNorm) and len(x) == m._get_no_batch_dim():
+            if (
+                isinstance(m, nn.modules.instancenorm._InstanceNorm)
+                and len(x) == m._get_no_batch_dim()
+            ):
                 c = x[0]
             for t in (m.weight, m.bias, m.running_mean, m.running_var):
                 if t is not None:
@@ -475,7 +537,9 @@ class _Analysis:
         return self.unknown(node, f"module {path!r} ({type(m).__name__})", why)
 
     # --- rules shared by modules and functions ---------------------------------------------------
-    def linear(self, node: fx.Node, xnode: Any, x: tuple[int, ...], w: Any, b: Any, label: str) -> Desc:
+    def linear(
+        self, node: fx.Node, xnode: Any, x: tuple[int, ...], w: Any, b: Any, label: str
+    ) -> Desc:
         W = self.pvars(w) if isinstance(w, Tensor) else w
         if not _is_t(W) or len(W) != 2:
             return self.unknown(node, f"linear {node.name!r}", "weight is not a 2-D tensor")
@@ -493,8 +557,16 @@ class _Analysis:
         return d
 
     def conv(
-        self, node: fx.Node, xnode: Any, x: tuple[int, ...], w: Any, b: Any, groups: int,
-        transposed: bool, label: str, out_val: Tensor,
+        self,
+        node: fx.Node,
+        xnode: Any,
+        x: tuple[int, ...],
+        w: Any,
+        b: Any,
+        groups: int,
+        transposed: bool,
+        label: str,
+        out_val: Tensor,
     ) -> Desc:
         W = self.pvars(w) if isinstance(w, Tensor) else w
         if not _is_t(W):
@@ -639,7 +711,11 @@ class _Analysis:
             for t in (q, k, v):
                 self.tie(t[-1], W[1])
         else:
-            for t, w, row in ((q, m.q_proj_weight, Q), (k, m.k_proj_weight, Q), (v, m.v_proj_weight, Vv)):
+            for t, w, row in (
+                (q, m.q_proj_weight, Q),
+                (k, m.k_proj_weight, Q),
+                (v, m.v_proj_weight, Vv),
+            ):
                 Wt = self.pvars(w)
                 self.tie(Wt[0], row)
                 self.tie(t[-1], Wt[1])
@@ -680,7 +756,10 @@ class _Analysis:
         out_val = self.tr.values.get(node)
         if not (_is_t(q) and _is_t(k) and _is_t(v)) or not isinstance(out_val, Tensor):
             return self.unknown(node, "scaled_dot_product_attention", "unexpected inputs")
-        if node.kwargs.get("enable_gqa") and self.tr.values[args["key"]].shape != self.tr.values[args["query"]].shape:
+        if (
+            node.kwargs.get("enable_gqa")
+            and self.tr.values[args["key"]].shape != self.tr.values[args["query"]].shape
+        ):
             return self.unknown(node, "scaled_dot_product_attention", "grouped-query attention")
         n = len(out_val.shape)
         batch = self.broadcast([q[:-2], k[:-2], v[:-2]], out_val.shape[:-2])
@@ -689,14 +768,21 @@ class _Analysis:
         mask = self.arg_desc(args["attn_mask"])
         if _is_t(mask):
             scores = tuple(batch) + (q[-2], k[-2])
-            self.broadcast([scores, mask], tuple(out_val.shape[:-2]) + (out_val.shape[-2], self.V.size[k[-2]]))
+            self.broadcast(
+                [scores, mask], tuple(out_val.shape[:-2]) + (out_val.shape[-2], self.V.size[k[-2]])
+            )
         assert len(batch) == n - 2
         return tuple(batch) + (q[-2], v[-1])
 
     def matmul(self, node: fx.Node, anode: Any, bnode: Any) -> Desc:
         a, b = self.arg_desc(anode), self.arg_desc(bnode)
         out_val = self.tr.values.get(node)
-        if not (_is_t(a) and _is_t(b)) or not isinstance(out_val, Tensor) or len(a) == 0 or len(b) == 0:
+        if (
+            not (_is_t(a) and _is_t(b))
+            or not isinstance(out_val, Tensor)
+            or len(a) == 0
+            or len(b) == 0
+        ):
             return self.unknown(node, _name_of(node.target), "unexpected operands")
         a2 = a if len(a) > 1 else (None,) + a
         b2 = b if len(b) > 1 else b + (None,)
@@ -708,7 +794,11 @@ class _Analysis:
             self.V.label.setdefault(b[-1], self._label_of(bnode, node))
         if a_param and not b_param and len(b) > 1:
             self.candidate(bnode, len(b) - 2, b[-2])
-        batch_shape = out_val.shape[: max(len(a2), len(b2)) - 2] if len(a) > 1 and len(b) > 1 else out_val.shape[: len(out_val.shape) - (1 if (len(a) > 1) != (len(b) > 1) else 0)]
+        batch_shape = (
+            out_val.shape[: max(len(a2), len(b2)) - 2]
+            if len(a) > 1 and len(b) > 1
+            else out_val.shape[: len(out_val.shape) - (1 if (len(a) > 1) != (len(b) > 1) else 0)]
+        )
         if len(a) > 1 and len(b) > 1:
             batch = self.broadcast([tuple(a[:-2]), tuple(b[:-2])], out_val.shape[:-2])
             return tuple(batch) + (a[-2], b[-1])
@@ -726,13 +816,20 @@ class _Analysis:
             ops = tuple(ops[0])
         descs = [self.arg_desc(o) for o in ops]
         out_val = self.tr.values.get(node)
-        if not isinstance(eq, str) or "..." in eq or not all(_is_t(d) for d in descs) or not isinstance(out_val, Tensor):
+        if (
+            not isinstance(eq, str)
+            or "..." in eq
+            or not all(_is_t(d) for d in descs)
+            or not isinstance(out_val, Tensor)
+        ):
             return self.unknown(node, "einsum", "unsupported equation")
         eq = eq.replace(" ", "")
         lhs, _, rhs = eq.partition("->")
         terms = lhs.split(",")
         if not rhs and "->" not in eq:
-            rhs = "".join(sorted(c for c in set(lhs.replace(",", "")) if lhs.replace(",", "").count(c) == 1))
+            rhs = "".join(
+                sorted(c for c in set(lhs.replace(",", "")) if lhs.replace(",", "").count(c) == 1)
+            )
         letter: dict[str, int] = {}
         for term, d in zip(terms, descs, strict=False):
             for c, v in zip(term, d, strict=False):
@@ -760,7 +857,11 @@ class _Analysis:
                 return self.permute_like(node, x, out_val)
             if attr == "data" and _is_t(x):
                 return x
-            return None if not isinstance(out_val, Tensor) else self.unknown(node, f"attribute .{attr}")
+            return (
+                None
+                if not isinstance(out_val, Tensor)
+                else self.unknown(node, f"attribute .{attr}")
+            )
         if target is F.scaled_dot_product_attention:
             return self.sdpa(node)
         if name == "einsum":
@@ -778,7 +879,9 @@ class _Analysis:
             b = self.arg_desc(args[2] if len(args) > 2 else node.kwargs.get("bias"))
             if not _is_t(x):
                 return self.unknown(node, "linear")
-            return self.linear(node, args[0], x, w, b, self._label_of(args[1] if len(args) > 1 else None, node))
+            return self.linear(
+                node, args[0], x, w, b, self._label_of(args[1] if len(args) > 1 else None, node)
+            )
         if target in (F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d):
             vals = list(args) + [None] * 7
             w = self.arg_desc(vals[1] if vals[1] is not None else node.kwargs.get("weight"))
@@ -786,14 +889,28 @@ class _Analysis:
             groups = self.value(vals[6] if vals[6] is not None else node.kwargs.get("groups", 1))
             if not _is_t(x):
                 return self.unknown(node, name)
-            return self.conv(node, args[0], x, w, b, int(groups or 1), False, self._label_of(vals[1], node), out_val)
+            return self.conv(
+                node,
+                args[0],
+                x,
+                w,
+                b,
+                int(groups or 1),
+                False,
+                self._label_of(vals[1], node),
+                out_val,
+            )
         if target in (F.embedding, torch.embedding):
             w = self.arg_desc(args[1])
-            return self.embedding(x, w, self._label_of(args[1], node)) if _is_t(w) else self.unknown(node, name)
+            return (
+                self.embedding(x, w, self._label_of(args[1], node))
+                if _is_t(w)
+                else self.unknown(node, name)
+            )
         if target is F.layer_norm or (target is F.rms_norm if hasattr(F, "rms_norm") else False):
             shape = self.value(args[1] if len(args) > 1 else node.kwargs.get("normalized_shape"))
             kk = len(shape) if isinstance(shape, list | tuple | torch.Size) else 1
-            for t in (list(args[2:4]) + [node.kwargs.get("weight"), node.kwargs.get("bias")]):
+            for t in list(args[2:4]) + [node.kwargs.get("weight"), node.kwargs.get("bias")]:
                 dt = self.arg_desc(t)
                 if _is_t(dt):
                     for i, v in enumerate(dt):
@@ -807,7 +924,9 @@ class _Analysis:
             return x
         if target in (F.batch_norm, F.instance_norm):
             c = x[1] if len(x) > 1 else x[0]
-            for t in list(args[1:5]) + [node.kwargs.get(k) for k in ("running_mean", "running_var", "weight", "bias")]:
+            for t in list(args[1:5]) + [
+                node.kwargs.get(k) for k in ("running_mean", "running_var", "weight", "bias")
+            ]:
                 dt = self.arg_desc(t)
                 if _is_t(dt) and len(dt) == 1:
                     self.tie(c, dt[0])
@@ -819,14 +938,20 @@ class _Analysis:
             pad = self.value(args[1] if len(args) > 1 else node.kwargs.get("pad"))
             return self.spatial(x, len(pad) // 2, out_val.shape)
         if name in ("interpolate", "upsample", "upsample_nearest", "upsample_bilinear") or (
-            name.startswith(("max_pool", "avg_pool", "adaptive_avg_pool", "adaptive_max_pool", "lp_pool"))
+            name.startswith(
+                ("max_pool", "avg_pool", "adaptive_avg_pool", "adaptive_max_pool", "lp_pool")
+            )
             and not name.endswith("with_indices")
         ):
             if not _is_t(x) or not isinstance(out_val, Tensor):
                 return self.unknown(node, name)
             digits = "".join(ch for ch in name if ch.isdigit())
             k = int(digits) if digits else len(x) - 2
-            if name.startswith("adaptive_max_pool") and isinstance(self.value(node.kwargs.get("return_indices")), bool) and self.value(node.kwargs.get("return_indices")):
+            if (
+                name.startswith("adaptive_max_pool")
+                and isinstance(self.value(node.kwargs.get("return_indices")), bool)
+                and self.value(node.kwargs.get("return_indices"))
+            ):
                 return self.unknown(node, name, "returns indices")
             return self.spatial(x, k, out_val.shape)
         if name in ("cat", "concat", "concatenate"):
@@ -854,7 +979,9 @@ class _Analysis:
         if name in _PERMUTE and _is_t(x):
             return self.permute_like(node, x, out_val)
         if name in _SHAPE_ONLY and _is_t(x):
-            if not isinstance(out_val, Tensor) or out_val.numel() != math.prod(self.V.size[v] for v in x):
+            if not isinstance(out_val, Tensor) or out_val.numel() != math.prod(
+                self.V.size[v] for v in x
+            ):
                 return self.unknown(node, name)
             return self.reshape(x, out_val.shape)
         if name in ("expand", "expand_as", "broadcast_to"):
@@ -883,7 +1010,11 @@ class _Analysis:
                 return self.unknown(node, name, "changes the shape")
             if name in ("type_as", "to"):
                 return x
-            return self.broadcast(self._tensor_args(node), out_val.shape) if name in ("clamp", "clip") else x
+            return (
+                self.broadcast(self._tensor_args(node), out_val.shape)
+                if name in ("clamp", "clip")
+                else x
+            )
         if name in _BINARY or (name in ("max", "min") and len(self._tensor_args(node)) == 2):
             tens = self._tensor_args(node)
             if isinstance(out_val, Tensor):
@@ -930,7 +1061,9 @@ class _Analysis:
         args = node.args
         tensors_node = args[0] if args else node.kwargs.get("tensors")
         tensors = self.arg_desc(tensors_node)
-        dim = self.value(args[1] if len(args) > 1 else node.kwargs.get("dim", node.kwargs.get("axis", 0)))
+        dim = self.value(
+            args[1] if len(args) > 1 else node.kwargs.get("dim", node.kwargs.get("axis", 0))
+        )
         out_val = self.tr.values.get(node)
         if not isinstance(tensors, list) or not isinstance(out_val, Tensor):
             return self.unknown(node, "cat")
@@ -946,10 +1079,16 @@ class _Analysis:
         return tuple(b[:dim]) + (s,) + tuple(b[dim:])
 
     def split(self, node: fx.Node, x: Desc, name: str, out_val: Any) -> Desc:
-        if not _is_t(x) or not isinstance(out_val, tuple | list) or not all(isinstance(o, Tensor) for o in out_val):
+        if (
+            not _is_t(x)
+            or not isinstance(out_val, tuple | list)
+            or not all(isinstance(o, Tensor) for o in out_val)
+        ):
             return self.unknown(node, name)
         if name == "unbind":
-            dim = self.value(node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)) % len(x)
+            dim = self.value(
+                node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+            ) % len(x)
             self.V.pin(x[dim])
             return [tuple(x[:dim]) + tuple(x[dim + 1 :]) for _ in out_val]
         dim = self.value(node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0))
@@ -1114,7 +1253,12 @@ class _Analysis:
                 for b in inners:
                     if not ok:
                         break
-                    if len(inner_of.get(b, ())) != 1 or b in in_sum or b in prods or b in param_classes:
+                    if (
+                        len(inner_of.get(b, ())) != 1
+                        or b in in_sum
+                        or b in prods
+                        or b in param_classes
+                    ):
                         ok = False
                 if ok:
                     ok = self.head_local(a, set(inners))
@@ -1129,8 +1273,15 @@ class _Analysis:
         self.segments: dict[int, tuple[list[int], list[tuple[int, int]]]] = {}
         self.seg_of: dict[int, tuple[int, int]] = {}
         order = sorted(
-            (r for r, (k, _) in V.defn.items() if k == "prod" and V.find(r) == r and not V.pinned[r]
-             and not V.is_pinned(V.defn[r][1][0]) and not V.is_pinned(V.defn[r][1][1])),
+            (
+                r
+                for r, (k, _) in V.defn.items()
+                if k == "prod"
+                and V.find(r) == r
+                and not V.pinned[r]
+                and not V.is_pinned(V.defn[r][1][0])
+                and not V.is_pinned(V.defn[r][1][1])
+            ),
             key=lambda r: r,
         )
         for r in order:
@@ -1179,7 +1330,17 @@ class _Analysis:
         for k in range(reps):
             self.emit(b, offset + k * stride, V.size[a], nb * block, block, out)
 
-    def _place(self, g: Any, offset: int, reps: int, stride: int, block: int, unit_start: int, length: int | None, out: list[Any]) -> None:
+    def _place(
+        self,
+        g: Any,
+        offset: int,
+        reps: int,
+        stride: int,
+        block: int,
+        unit_start: int,
+        length: int | None,
+        out: list[Any],
+    ) -> None:
         n = self.group_size_units(g, length)
         kw = {"offset": offset, "block": block, "unit_start": unit_start, "length": length}
         if reps == 1 or stride == n * block:
@@ -1217,7 +1378,9 @@ class _Analysis:
 
     def name_group(self, g: Any, labels: dict[Any, list[str]]) -> str:
         params = [s.param for s in self.slots[g]]
-        first = params[0].rsplit(".", 1)[0] if params[0].endswith((".weight", ".bias")) else params[0]
+        first = (
+            params[0].rsplit(".", 1)[0] if params[0].endswith((".weight", ".bias")) else params[0]
+        )
         if g[0] == "heads":  # where its projections live, e.g. "blocks.0.attn"
             mods = list(dict.fromkeys(p.rsplit(".", 1)[0] for p in params))
             return _common_prefix(mods) or first
@@ -1300,8 +1463,12 @@ class _Analysis:
                         if parts:
                             return cur.name, i, len(d), parts
             name = _name_of(cur.target)
-            shape_op = (cur.op in ("call_method", "call_function") and (name in _SHAPE_ONLY or name in _PERMUTE or name == "contiguous")) or (
-                cur.op == "call_module" and isinstance(self.root.get_submodule(str(cur.target)), nn.Flatten | nn.Unflatten)
+            shape_op = (
+                cur.op in ("call_method", "call_function")
+                and (name in _SHAPE_ONLY or name in _PERMUTE or name == "contiguous")
+            ) or (
+                cur.op == "call_module"
+                and isinstance(self.root.get_submodule(str(cur.target)), nn.Flatten | nn.Unflatten)
             )
             if not shape_op or not cur.args or not isinstance(cur.args[0], fx.Node):
                 return None
@@ -1407,7 +1574,9 @@ def _verify(model: nn.Module, spec: PermutationSpec, inputs: Any, warn: bool) ->
             got = _run(model, apply_permutation(sub, perm, state), inputs)
             for a, b in zip(ref, got, strict=True):
                 scale = float(a.abs().max()) if a.numel() else 0.0
-                if a.shape != b.shape or not torch.allclose(a, b, rtol=1e-3, atol=1e-4 * (1 + scale), equal_nan=True):
+                if a.shape != b.shape or not torch.allclose(
+                    a, b, rtol=1e-3, atol=1e-4 * (1 + scale), equal_nan=True
+                ):
                     return False
             return True
 
@@ -1531,7 +1700,11 @@ def capture_sites(
         >>> {k: tuple(v.shape) for k, v in acts.items()}
         {'1': (5, 8)}
     """
-    wanted = list(dict.fromkeys(nodes if nodes is not None else (s.node for ss in spec.sites.values() for s in ss)))
+    wanted = list(
+        dict.fromkeys(
+            nodes if nodes is not None else (s.node for ss in spec.sites.values() for s in ss)
+        )
+    )
     if not wanted:
         return {}
     fx_names = [n for n in wanted if not n.startswith("module:")]
@@ -1540,15 +1713,21 @@ def capture_sites(
     if fx_names:
         _, prefix, bound, _ = traced_root(model, inputs)
         for exact in (False, True):
-            sub = _capture_module(cached_graph(model, inputs, leaf_modules, exact=exact), tuple(fx_names))
+            sub = _capture_module(
+                cached_graph(model, inputs, leaf_modules, exact=exact), tuple(fx_names)
+            )
             try:
                 with torch.no_grad():
                     if state is None:
                         res = sub(**bound)
                     else:
                         res = torch.func.functional_call(
-                            sub, {prefix + k: v for k, v in state.items()}, (), bound,
-                            strict=False, tie_weights=False,
+                            sub,
+                            {prefix + k: v for k, v in state.items()},
+                            (),
+                            bound,
+                            strict=False,
+                            tie_weights=False,
                         )
                 break
             except Exception:

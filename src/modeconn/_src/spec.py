@@ -33,7 +33,8 @@ class Slot:
     """Where some of a group's units live on one axis of one state-dict tensor.
 
     Unit ``u`` (``unit_start <= u < unit_start + length``) owns the positions
-    ``offset + k * length * block + (u - unit_start) * block + r`` for ``k < repeats``, ``r < block``.
+    ``offset + k * length * block + (u - unit_start) * block + r``
+    for ``k < repeats`` and ``r < block``.
 
     Args:
         param: state-dict key (parameter or buffer).
@@ -96,7 +97,8 @@ class Site:
 class Heads:
     """Attention structure of a group: ``num_heads`` heads over one or more segments.
 
-    A segment ``(start, head_dim)`` holds units ``start + h * head_dim + i`` (head ``h``, dim ``i``).
+    A segment ``(start, head_dim)`` holds units ``start + h * head_dim + i``
+    (head ``h``, dim ``i``).
     A valid permutation moves head ``h`` to one head ``pi(h)`` in *every* segment (q/k and v share
     the head permutation) and permutes the dims inside each head and segment freely.
     """
@@ -167,12 +169,14 @@ class PermutationSpec:
             for s in slots:
                 if s.param not in state:
                     raise SpecError(
-                        f"spec group {g!r} names tensor {s.param!r}, which the state does not have; "
+                        f"spec group {g!r} names tensor {s.param!r}, which the state lacks; "
                         "was the spec made for another model?"
                     )
                 t = state[s.param]
                 if not 0 <= s.axis < t.dim():
-                    raise SpecError(f"{s.param!r} has {t.dim()} axes; spec group {g!r} uses axis {s.axis}")
+                    raise SpecError(
+                        f"{s.param!r} has {t.dim()} axes; spec group {g!r} uses axis {s.axis}"
+                    )
                 if s.extent(size) > t.shape[s.axis]:
                     raise SpecError(
                         f"spec group {g!r} (size {size}) needs {s.extent(size)} positions on axis "
@@ -182,7 +186,9 @@ class PermutationSpec:
                 mask = claimed.setdefault(key, torch.zeros(t.shape[s.axis], dtype=torch.bool))
                 pos = s.positions(size).flatten()
                 if mask[pos].any():
-                    raise SpecError(f"two slots overlap on axis {s.axis} of {s.param!r} (group {g!r})")
+                    raise SpecError(
+                        f"two slots overlap on axis {s.axis} of {s.param!r} (group {g!r})"
+                    )
                 mask[pos] = True
 
     # --- serialisation ---------------------------------------------------------------------
@@ -241,8 +247,9 @@ class PermutationSpec:
             axes: ``{param: (group or None for each axis)}``.
 
         Example:
-            >>> spec = PermutationSpec.from_axes({"h": 4}, {"0.weight": ("h", None), "0.bias": ("h",),
-            ...                                    "2.weight": (None, "h")})
+            >>> spec = PermutationSpec.from_axes(
+            ...     {"h": 4}, {"0.weight": ("h", None), "0.bias": ("h",), "2.weight": (None, "h")}
+            ... )
             >>> len(spec.slots["h"])
             3
         """
@@ -261,7 +268,9 @@ class PermutationSpec:
         """A ``rich.table.Table`` listing each group, its size and the tensors it acts on."""
         from rich.table import Table
 
-        tab = Table(title=f"Permutation spec: {len(self.groups)} groups, {sum(self.groups.values())} units")
+        tab = Table(
+            title=f"Permutation spec: {len(self.groups)} groups, {sum(self.groups.values())} units"
+        )
         tab.add_column("group")
         tab.add_column("size", justify="right")
         tab.add_column("acts on")
@@ -385,15 +394,23 @@ def check_permutation(spec: PermutationSpec, perm: Mapping[str, Tensor]) -> None
             for start, d in h.segments:
                 blocks = p[start : start + h.num_heads * d].view(h.num_heads, d)
                 src = (blocks - start) // d
-                if not (src == src[:, :1]).all() or (blocks < start).any() or (src >= h.num_heads).any():
+                if (
+                    not (src == src[:, :1]).all()
+                    or (blocks < start).any()
+                    or (src >= h.num_heads).any()
+                ):
                     raise SpecError(f"permutation of attention group {g!r} splits a head")
                 if head_perm is None:
                     head_perm = src[:, 0]
                 elif not torch.equal(src[:, 0], head_perm):
-                    raise SpecError(f"permutation of attention group {g!r} moves q/k and v heads differently")
+                    raise SpecError(
+                        f"permutation of attention group {g!r} moves q/k and v heads differently"
+                    )
 
 
-def apply_permutation(spec: PermutationSpec, perm: Mapping[str, Tensor], state: Mapping[str, Tensor]) -> State:
+def apply_permutation(
+    spec: PermutationSpec, perm: Mapping[str, Tensor], state: Mapping[str, Tensor]
+) -> State:
     """Reorder the hidden units of ``state`` by ``perm`` (pure: ``state`` is not modified).
 
     Every slot of every group is gathered, ``W'[pos(i)] = W[pos(p[i])]``; tensors the spec does not
@@ -430,10 +447,14 @@ def _gather_indices(
             raise SpecError(f"permutation has no entry for group {g!r}")
         p = perm[g].long().cpu()
         if p.shape != (size,):
-            raise SpecError(f"permutation of group {g!r} has shape {tuple(p.shape)}, expected ({size},)")
+            raise SpecError(
+                f"permutation of group {g!r} has shape {tuple(p.shape)}, expected ({size},)"
+            )
         for s in slots:
             if s.param not in state:
-                raise SpecError(f"spec group {g!r} names tensor {s.param!r}, which the state does not have")
+                raise SpecError(
+                    f"spec group {g!r} names tensor {s.param!r}, which the state does not have"
+                )
             n_axis = state[s.param].shape[s.axis]
             idx = index.setdefault((s.param, s.axis), torch.arange(n_axis))
             pos = s.positions(size)  # (n_units, k)

@@ -12,7 +12,9 @@ from .errors import IncompatibleModelsError
 State = dict[str, Tensor]
 
 
-def check_compatible(states: Sequence[Mapping[str, Tensor]], names: Sequence[str] | None = None) -> None:
+def check_compatible(
+    states: Sequence[Mapping[str, Tensor]], names: Sequence[str] | None = None
+) -> None:
     """Raise :class:`IncompatibleModelsError` naming the first tensor where the states differ.
 
     Args:
@@ -24,7 +26,7 @@ def check_compatible(states: Sequence[Mapping[str, Tensor]], names: Sequence[str
     """
     names = list(names) if names is not None else [f"model {i}" for i in range(len(states))]
     ref = states[0]
-    for other, name in zip(states[1:], names[1:]):
+    for other, name in zip(states[1:], names[1:], strict=True):
         missing = [k for k in ref if k not in other]
         extra = [k for k in other if k not in ref]
         if missing or extra:
@@ -38,8 +40,8 @@ def check_compatible(states: Sequence[Mapping[str, Tensor]], names: Sequence[str
             u = other[k]
             if t.shape != u.shape:
                 raise IncompatibleModelsError(
-                    f"tensor {k!r} has shape {tuple(t.shape)} in {names[0]} but {tuple(u.shape)} in "
-                    f"{name}: the models do not share one architecture"
+                    f"tensor {k!r} has shape {tuple(t.shape)} in {names[0]} but "
+                    f"{tuple(u.shape)} in {name}: the models do not share one architecture"
                 )
             if t.dtype != u.dtype:
                 raise IncompatibleModelsError(
@@ -73,7 +75,9 @@ def combine(states: Sequence[Mapping[str, Tensor]], weights: Sequence[float]) ->
     out: State = {}
     for k, t in states[0].items():
         if t.is_floating_point():
-            acc = sum(float(w) * s[k].to(torch.float64) for s, w in zip(states, weights))
+            acc = sum(
+                float(w) * s[k].to(torch.float64) for s, w in zip(states, weights, strict=True)
+            )
             out[k] = acc.to(t.dtype)  # type: ignore[union-attr]
         else:
             out[k] = t.clone()

@@ -178,7 +178,9 @@ class _Tracer(fx.Tracer):
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _ValueProxy(node, self)
 
-    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):  # noqa: ANN001, ANN201, E501
+    def create_proxy(
+        self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None
+    ):  # noqa: ANN001, ANN201, E501
         p = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
         node = p.node
         if kind == "output":
@@ -271,7 +273,9 @@ def bind_inputs(model: nn.Module, example_inputs: Any) -> tuple[dict[str, Any], 
     return inputs, concrete
 
 
-def traced_root(model: nn.Module, example_inputs: Any) -> tuple[nn.Module, str, dict[str, Any], dict[str, Any]]:
+def traced_root(
+    model: nn.Module, example_inputs: Any
+) -> tuple[nn.Module, str, dict[str, Any], dict[str, Any]]:
     """The module to trace, its parameter-path prefix, the inputs by name, the concrete args."""
     sig = inspect.signature(model.forward)
     if "use_cache" in sig.parameters and isinstance(example_inputs, dict):
@@ -348,7 +352,9 @@ def trace_model(
         elif isinstance(lm, type):
             types.append(lm)
         else:
-            raise SpecError(f"leaf_modules entries must be module types or dotted paths, got {lm!r}")
+            raise SpecError(
+                f"leaf_modules entries must be module types or dotted paths, got {lm!r}"
+            )
     opaque: set[str] = set(paths)
     modes = {m: m.training for m in model.modules()}
     attrs = set(root.__dict__)
@@ -370,7 +376,7 @@ def trace_model(
                 import warnings
 
                 warnings.warn(
-                    f"modeconn: module {path[len(prefix):]!r} "
+                    f"modeconn: module {path[len(prefix) :]!r} "
                     f"({type(root.get_submodule(path)).__name__}) cannot be traced "
                     f"({type(tracer.failed_error).__name__}: {tracer.failed_error}); "
                     "its inputs and outputs are not permuted",
@@ -413,7 +419,10 @@ def _signature(example_inputs: Any, batch: bool) -> Any:
 
 
 def cached_graph(
-    model: nn.Module, example_inputs: Any, leaf_modules: Iterable[Any] | None = None, *,
+    model: nn.Module,
+    example_inputs: Any,
+    leaf_modules: Iterable[Any] | None = None,
+    *,
     exact: bool = False,
 ) -> fx.GraphModule:
     """The graph module of ``model`` for inputs like ``example_inputs`` (traced once, cached).
