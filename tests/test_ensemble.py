@@ -105,3 +105,16 @@ def test_fge_snapshots_count_and_ensemble() -> None:
     assert res.loss <= sum(res.member_losses) / 3 + 1e-12
     with pytest.raises(ConfigError):
         fge(base, train, cycles=0, progress=False)
+
+
+def test_curve_ensemble_resets_batchnorm_per_point() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 4))
+    data = _data()
+    path = mc.LinearPath(net.state_dict(), net.state_dict())  # fresh BN stats: mean 0, var 1
+    res = curve_ensemble(net, path, data, ts=2, bn_data=data)
+    want = mc.evaluate(mc.reset_bn(net, data), data)
+    assert math.isclose(res.member_losses[0], want.loss, rel_tol=1e-5)
+    assert math.isclose(res.loss, want.loss, rel_tol=1e-5)
+    stale = curve_ensemble(net, path, data, ts=2)  # without bn_data the stored statistics are used
+    assert not math.isclose(stale.loss, want.loss, rel_tol=1e-3)

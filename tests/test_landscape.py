@@ -10,8 +10,10 @@ from torch import nn
 
 import modeconn as mc
 from modeconn._src.errors import ConfigError, IncompatibleModelsError
+from modeconn._src.evaluation import with_state
 from modeconn._src.landscape import (
     PlaneBasis,
+    evaluate_state,
     filter_normalized_direction,
     largest_bump,
     monotonic_interpolation,
@@ -96,12 +98,17 @@ def test_plane_projects_a_curve_and_bn_points_match_after_reset() -> None:
     assert float(res.curve_distance.max()) < 1e-4
     torch.testing.assert_close(res.curve[0], res.points[0])
     torch.testing.assert_close(res.curve[-1], res.points[2])
-    # evaluated with BN reset, the plane reproduces each model with recomputed statistics
-    x, y = res.basis.points[1].tolist()
-    fresh = mc.reset_bn(nets[1], data)
-    got = mc.evaluate(nets[0], data, state=mc.reset_bn(
-        mc._src.evaluation.with_state(nets[0], res.basis.state(x, y)), data).state_dict())
-    assert math.isclose(got.loss, mc.evaluate(fresh, data).loss, rel_tol=1e-4)
+    # with bn_data every grid point is evaluated after an exact BN reset
+    j, i = 1, 2
+    ref = mc.evaluate(mc.reset_bn(with_state(nets[0], res.basis.state(res.xs[i], res.ys[j])), data),
+                      data)
+    assert math.isclose(float(res.loss[j, i]), ref.loss, rel_tol=1e-5)
+    # and at model 1's coordinates that is model 1 with recomputed statistics
+    x1, y1 = res.points[1].tolist()
+    got = evaluate_state(nets[0], res.basis.state(x1, y1), data, bn_data=data)
+    want = mc.evaluate(mc.reset_bn(nets[1], data), data)
+    assert math.isclose(got.loss, want.loss, rel_tol=1e-4) and got.accuracy == want.accuracy
+    assert not math.isclose(got.loss, mc.evaluate(nets[1], data).loss, rel_tol=1e-3)
 
 
 def test_plane_rejects_collinear_and_wrong_counts() -> None:

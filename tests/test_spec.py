@@ -1,4 +1,4 @@
-"""Unit tests of the spec data structure and the assignment solver, against brute force and scipy."""
+"""Unit tests of the spec data structure and the assignment solver, vs brute force and scipy."""
 
 from __future__ import annotations
 

@@ -697,7 +697,7 @@ class _Analysis:
         if not (_is_t(q) and _is_t(k) and _is_t(v)) or not isinstance(out_val, tuple):
             return self._opaque_module(node, m, path, "unexpected inputs")
         V = self.V
-        H, E = m.num_heads, m.embed_dim
+        H = m.num_heads
         d = m.head_dim
         h = V.new(H, label=path)
         dqk, dv = V.new(d), V.new(d)
@@ -1585,7 +1585,8 @@ def _verify(model: nn.Module, spec: PermutationSpec, inputs: Any, warn: bool) ->
         bad = [g for g in spec.groups if not same(_subspec(spec, [g]))]
         if warn:
             warnings.warn(
-                f"modeconn.infer_spec: the inferred permutations of {bad} change the model's outputs "
+                f"modeconn.infer_spec: the inferred permutations of {bad} change the model's "
+                "outputs "
                 "on the example inputs; they are left out of the spec (please report this model)",
                 stacklevel=3,
             )
@@ -1773,7 +1774,8 @@ def _capture_module(gm: fx.GraphModule, names: tuple[str, ...]) -> fx.GraphModul
     missing = [n for n in names if n not in by_name]
     if missing:
         raise SpecError(
-            f"sites {missing} are not nodes of this model's trace; was the spec inferred for another "
+            f"sites {missing} are not nodes of this model's trace; was the spec inferred for "
+            "another "
             "architecture, or with other leaf_modules?"
         )
     graph.output(tuple(by_name[n] for n in names))

@@ -108,7 +108,7 @@ class Trace:
 
 
 class _ValueProxy(fx.Proxy):
-    """An fx Proxy that answers Python's questions (len, int, bool, iteration) with its example value."""
+    """An fx Proxy answering Python's questions (len, int, bool, iter) from its example value."""
 
     def _value(self) -> Any:
         return self.tracer.values[self.node]  # type: ignore[attr-defined]
@@ -208,7 +208,7 @@ class _Tracer(fx.Tracer):
                 v = target(*a, **kw)
             elif kind == "call_method":
                 v = getattr(a[0], target)(*a[1:], **kw)
-            else:  # call_module; the unpatched __call__ (fx patches nn.Module.__call__ while tracing)
+            else:  # call_module, unpatched (fx patches nn.Module.__call__ while tracing)
                 mod = self.root.get_submodule(target)
                 v = fx._symbolic_trace._orig_module_call(mod, *a, **kw)
         return v
@@ -295,7 +295,7 @@ def traced_root(
 
 
 class _FunctionApply:
-    """Graph target for a custom ``torch.autograd.Function``: ``Fn.apply(*args)`` as one opaque op."""
+    """Graph target for a custom ``torch.autograd.Function``: ``Fn.apply(*args)``, one opaque op."""
 
     def __init__(self, fn: type) -> None:
         self.fn = fn
