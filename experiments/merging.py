@@ -139,15 +139,22 @@ def run(out: Path, epochs: int, quick: bool) -> list[dict]:
             mc.merge(states, method="regmean", model=pre, data=task_data))
         add(tag, "task_arithmetic (mean)", "no", pre,
             mc.merge(states, method="task_arithmetic", base=base))
+        lams = {}
         for method, kw in (("task_arithmetic", {}), ("ties", {"density": 0.2}),
                            ("dare", {"p": 0.5}), ("dare", {"p": 0.5, "consensus": True})):
             merged, lam = _tuned(pre, states, val, method, base=base, **kw)
             label = method + ("+ties" if kw.get("consensus") else "")
+            lams[label] = lam
             add(tag, f"{label} (lambda tuned)", "no", pre, merged, f"lambda={lam}")
         add(tag, "slerp (first two)", "no", pre, mc.merge(states[:2], method="slerp"))
-        add(tag, "ties (lambda 1)", "weight", pre,
-            mc.merge(states, method="ties", base=base, align="weight", model=pre, data=val))
-        add(tag, "average", "weight", pre, mc.merge(states, align="weight", model=pre, data=val))
+        # alignment onto the base: fine-tunes share the base's unit order, so it should not matter
+        aligned = {"align": "weight", "model": pre, "data": val}
+        add(tag, "average", "weight", pre, mc.merge(states, **aligned))
+        add(tag, "task_arithmetic (mean)", "weight", pre,
+            mc.merge(states, method="task_arithmetic", base=base, **aligned))
+        add(tag, "ties (lambda tuned)", "weight", pre,
+            mc.merge(states, method="ties", base=base, scale=lams["ties"], normalize=False,
+                     **aligned), f"lambda={lams['ties']}")
 
     # --- B: independent models from different seeds -----------------------------------------
     t0 = time.time()

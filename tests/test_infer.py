@@ -125,7 +125,8 @@ ZOO_CASES = [
 
 
 def test_zoo_cases_cover_every_registered_model():
-    assert {c[0] for c in ZOO_CASES} >= set(mc.models.names())
+    builtins = [n for n in mc.models.names() if n in mc.models._BUILTINS]  # not test-registered
+    assert len(builtins) == 5 and {c[0] for c in ZOO_CASES} >= set(builtins)
 
 
 @pytest.mark.parametrize(
@@ -321,6 +322,44 @@ class SDPAttention(nn.Module):
         return x + self.o(y.transpose(1, 2).flatten(2))
 
 
+class TimmAttentionBlock(nn.Module):
+    """timm ViT style: qkv reshaped to (B, N, 3, H, d), permuted, then indexed / unbound."""
+
+    def __init__(self, dim=12, num_heads=3, unbind=False):
+        super().__init__()
+        self.num_heads, self.head_dim, self.unbind = num_heads, dim // num_heads, unbind
+        self.norm = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, 2)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        qkv = self.qkv(self.norm(x)).reshape(B, N, 3, self.num_heads, self.head_dim)
+        qkv = qkv.permute(2, 0, 3, 1, 4)
+        if self.unbind:
+            q, k, v = qkv.unbind(0)
+            y = F.scaled_dot_product_attention(q, k, v)
+        else:
+            q, k, v = qkv[0], qkv[1], qkv[2]
+            y = (q @ k.transpose(-2, -1) * self.head_dim**-0.5).softmax(dim=-1) @ v
+        x = x + self.proj(y.transpose(1, 2).reshape(B, N, C))
+        return self.head(x.mean(1))
+
+
+@pytest.mark.parametrize("unbind", [False, True])
+def test_timm_style_qkv_gets_independent_qk_and_v_dims(unbind):
+    model = randomize(TimmAttentionBlock(unbind=unbind))
+    x = torch.randn(2, 5, 12)
+    spec = infer(model, x)
+    assert spec.heads == {"qkv": mc.Heads(3, ((0, 4), (12, 4)))}
+    rows = sorted(
+        (s.offset, s.unit_start, s.length) for _, s in spec.slots_of("qkv.weight") if s.axis == 0
+    )
+    assert rows == [(0, 0, 12), (12, 0, 12), (24, 12, 12)]
+    assert_symmetry(model, x, spec)
+
+
 def test_residual_mlp():
     model = randomize(ResidualMLP())
     x = torch.randn(5, 12)
@@ -427,7 +466,8 @@ def test_hf_bert(hf):
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     spec = mc.infer_spec(model, inputs, verify=False)
     print(f"BERT: {len(spec.groups)} groups, {len(spec.heads)} attention groups: {spec.groups}")
-    assert len(spec.groups) >= 1 + 2 * 2
+    # stream, 2 x (attention, intermediate), pooler
+    assert len(spec.groups) == 1 + 2 * 2 + 1
     assert len(spec.heads) == 2
     assert_symmetry(model, inputs, spec, seeds=(0,))
 
@@ -448,8 +488,9 @@ def test_hf_gpt2(hf):
     ids = torch.randint(0, 50, (2, 7))
     spec = mc.infer_spec(model, {"input_ids": ids}, verify=False)
     print(f"GPT-2: {len(spec.groups)} groups, {len(spec.heads)} attention groups: {spec.groups}")
-    assert len(spec.groups) >= 1 + 2 * 2
+    assert len(spec.groups) == 1 + 2 * 2  # stream, 2 x (attention, MLP)
     assert len(spec.heads) == 2
+    assert {"transformer.wte.weight", "lm_head.weight"} & spec.params()
     assert_symmetry(model, {"input_ids": ids}, spec, seeds=(0,))
 
 
@@ -572,3 +613,61 @@ def test_property_random_mlps_and_cnns(widths, conv, norm, residual, seed):
     assert len(spec.groups) == expected
     if spec.groups:
         assert_symmetry(model, x, spec, seeds=(seed,))
+
+
+# --------------------------------------------------------------------------------------------
+# capture_sites and the CLI
+# --------------------------------------------------------------------------------------------
+def test_capture_sites_returns_the_site_tensors_for_any_batch_size_and_state():
+    model = randomize(mc.models.create("transformer", input_shape=(40,), num_classes=10))
+    spec = infer(model, torch.randn(2, 40))
+    x = torch.randn(7, 40)
+    acts = mc.capture_sites(model, spec, x)
+    assert set(acts) == {s.node for ss in spec.sites.values() for s in ss}
+    site = spec.sites["blocks.0.mlp.fc1"][0]
+    with torch.no_grad():  # the MLP hidden activation, computed by hand
+        b = model.blocks[0]
+        h = model.embed(model._tokens(x)) + model.pos
+        h = h + b.attn(b.ln1(h))
+        ref = F.gelu(b.mlp.fc1(b.ln2(h)))
+    assert torch.allclose(acts[site.node], ref, atol=1e-5)
+    # with a permuted state, the sites carry the permuted units
+    perm = mc.random_permutation(spec, seed=0)
+    state = mc.apply_permutation(spec, perm, model.state_dict())
+    got = mc.capture_sites(model, spec, x, state=state)[site.node]
+    assert torch.allclose(got, ref[..., perm["blocks.0.mlp.fc1"]], atol=1e-5)
+
+
+def run_cli(monkeypatch, capsys, *args):
+    import sys
+
+    from modeconn.cli.main import main
+
+    monkeypatch.setattr(sys, "argv", ["modeconn", *map(str, args)])
+    code = 0
+    try:
+        main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_cli_spec_prints_groups_and_writes_json(monkeypatch, capsys, tmp_path):
+    out_json = tmp_path / "spec.json"
+    code, out, _ = run_cli(
+        monkeypatch,
+        capsys,
+        "spec",
+        "resnet",
+        "--zoo",
+        "--input-shape",
+        "[1,8,8]",
+        "--json",
+        out_json,
+    )
+    assert code == 0 and "layers.1.stream" in out
+    spec = mc.PermutationSpec.from_json(out_json.read_text())
+    assert len(spec.groups) == 6
+    code, _, err = run_cli(monkeypatch, capsys, "spec", tmp_path / "missing.safetensors")
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -191,6 +191,11 @@ def test_largest_bump_against_brute_force() -> None:
         assert math.isclose(largest_bump(v)[0], brute, abs_tol=1e-12)
 
 
+def test_public_namespace() -> None:
+    assert mc.landscape.plane is plane and mc.landscape.random_slice is random_slice
+    assert mc.landscape.monotonic_interpolation is monotonic_interpolation
+
+
 def test_plot_plane_writes_atomically(tmp_path) -> None:
     nets = [_net(s) for s in range(3)]
     res = plane(nets[0], [n.state_dict() for n in nets], _data(), grid=3, progress=False)

@@ -187,3 +187,14 @@ def test_pam_input_transform_is_used() -> None:
                      input_transform=attack, progress=False)
     mc.check_permutation(spec, perm)
     assert len(calls) >= 2 and calls[0] == (32, 3)
+
+
+def test_fit_curve_with_pam_permutes_endpoint_b(planted) -> None:
+    a, b, spec, true, data = planted
+    curve = mc.fit_curve(a, b, data, align="pam", epochs=1, progress=False,
+                         align_options={"init": true, "epochs": 1, "samples": 2,
+                                        "eval_examples": 256})
+    end = curve.state(1.0)
+    for k, v in a.state_dict().items():  # B permuted by the planted inverse is A itself
+        torch.testing.assert_close(end[k], v)
+    assert mc.pam_align is pam_align

@@ -295,13 +295,18 @@ class _Analysis:
         self.param_vars: dict[int, tuple[int, ...]] = {}  # id(tensor) -> vars per axis
         self.param_keys: dict[int, list[str]] = {}
         self.param_label: dict[int, str] = {}
+        self.trainable: set[int] = set()
         for k, t in model.state_dict(keep_vars=True).items():
             self.param_keys.setdefault(id(t), []).append(k)
+            if isinstance(t, nn.Parameter):
+                self.trainable.add(id(t))
             self.param_label.setdefault(id(t), k)
         self.candidates: list[_Candidate] = []
         self.warned: set[str] = set()
         self.all_descs: list[tuple[int, ...]] = []  # every tensor description (for head locality)
         self.pending: list[tuple[str, str, list[int]]] = []
+        self.residual: set[int] = set()
+        self.selector: dict[int, tuple[list[int], list[list[int]]]] = {}
 
     # --- helpers --------------------------------------------------------------------------------
     def warn(self, what: str, why: str) -> None:
@@ -389,7 +394,7 @@ class _Analysis:
         hidden = {
             self.V.find(v)
             for tid, vs in self.param_vars.items()
-            if tid in self.param_keys
+            if tid in self.trainable  # not buffers such as a causal mask
             for v in vs
         }
         for what, why, touched in self.pending:
@@ -527,7 +532,7 @@ class _Analysis:
         if isinstance(m, (*_PAD_MODULES, nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d)):
             return self.spatial(x, len(m.padding) // 2, out_val.shape)
         if isinstance(m, nn.Flatten | nn.Unflatten):
-            return self.reshape(x, out_val.shape)
+            return self.reshape(x, out_val.shape, node)
         return self._opaque_module(node, m, label, "no known symmetry")
 
     def _opaque_module(self, node: fx.Node, m: nn.Module, path: str, why: str) -> Desc:
@@ -633,8 +638,14 @@ class _Analysis:
         k = min(k, len(x))
         return tuple(x[: len(x) - k]) + self.fresh(out_shape[len(x) - k :], pinned=True)
 
-    def reshape(self, x: tuple[int, ...], out_shape: Sequence[int]) -> Desc:
-        """Row-major reshape: split and merge axes through products of variables."""
+    def reshape(
+        self, x: tuple[int, ...], out_shape: Sequence[int], node: fx.Node | None = None
+    ) -> Desc:
+        """Row-major reshape: split and merge axes through products of variables.
+
+        An output axis that is only ever indexed by constants (``qkv.view(B, T, 3, H, d)`` then
+        ``qkv[0]``/``unbind``) splits its atom into a direct sum of independent slices instead.
+        """
         V = self.V
         atoms: list[int] = []
 
@@ -651,9 +662,17 @@ class _Analysis:
         queue = list(atoms)
         out: list[int] = []
         ok = True
-        for s in out_shape:
+        j = 0
+        while j < len(out_shape):
+            s = out_shape[j]
             if s == 1:
                 out.append(V.new(1))
+                j += 1
+                continue
+            sel = self._selector_split(node, queue, out_shape, j) if node is not None else None
+            if sel is not None:
+                out.extend(sel)
+                j += len(sel)
                 continue
             got: list[int] = []
             prod = 1
@@ -678,11 +697,43 @@ class _Analysis:
                 ok = False
                 break
             out.append(got[0] if len(got) == 1 else V.structure("prod", got))
+            j += 1
         if not ok or queue:
             for v in atoms:
                 V.pin(v)
             return self.fresh(out_shape, pinned=True)
         return tuple(out)
+
+    def _selector_split(
+        self, node: fx.Node, queue: list[int], out_shape: Sequence[int], j: int
+    ) -> list[int] | None:
+        V = self.V
+        c = out_shape[j]
+        if not queue or V.defn_of(queue[0]) is not None or not 1 < c <= 64:
+            return None
+        n = V.size[queue[0]]
+        if n % c or n == c:
+            return None
+        rest, k, prod = n // c, j + 1, 1
+        while k < len(out_shape) and prod < rest:
+            prod *= out_shape[k]
+            k += 1
+        if prod != rest or not self._select_only(node, j, len(out_shape)):
+            return None
+        v = queue.pop(0)
+        t = V.new(c, pinned=True)
+        sizes = list(out_shape[j + 1 : k])
+        shared = [V.new(sz) for sz in sizes]
+        slices = [[V.new(sz) for sz in sizes] for _ in range(c)]
+        V.union(v, V.structure("sum", [V.structure("prod", ys) for ys in slices]))
+        self.selector[t] = (shared, slices)
+        return [t, *shared]
+
+    def select(self, d: tuple[int, ...], t: int, i: int) -> tuple[int, ...]:
+        """Slice ``i`` of a selector axis: its shared variables become that slice's own."""
+        shared, slices = self.selector[t]
+        sub = dict(zip(shared, slices[i], strict=True))
+        return tuple(sub.get(v, v) for v in d)
 
     # --- attention ------------------------------------------------------------------------------
     def mha(self, node: fx.Node, m: nn.MultiheadAttention, path: str) -> Desc:
@@ -794,11 +845,6 @@ class _Analysis:
             self.V.label.setdefault(b[-1], self._label_of(bnode, node))
         if a_param and not b_param and len(b) > 1:
             self.candidate(bnode, len(b) - 2, b[-2])
-        batch_shape = (
-            out_val.shape[: max(len(a2), len(b2)) - 2]
-            if len(a) > 1 and len(b) > 1
-            else out_val.shape[: len(out_val.shape) - (1 if (len(a) > 1) != (len(b) > 1) else 0)]
-        )
         if len(a) > 1 and len(b) > 1:
             batch = self.broadcast([tuple(a[:-2]), tuple(b[:-2])], out_val.shape[:-2])
             return tuple(batch) + (a[-2], b[-1])
@@ -806,7 +852,6 @@ class _Analysis:
             return ()
         if len(a) == 1:  # (k) @ (..., k, m) -> (..., m)
             return tuple(b[:-2]) + (b[-1],)
-        del batch_shape
         return tuple(a[:-1])  # (..., n, k) @ (k) -> (..., n)
 
     def einsum(self, node: fx.Node) -> Desc:
@@ -983,7 +1028,7 @@ class _Analysis:
                 self.V.size[v] for v in x
             ):
                 return self.unknown(node, name)
-            return self.reshape(x, out_val.shape)
+            return self.reshape(x, out_val.shape, node)
         if name in ("expand", "expand_as", "broadcast_to"):
             if not _is_t(x):
                 return self.unknown(node, name)
@@ -1018,7 +1063,10 @@ class _Analysis:
         if name in _BINARY or (name in ("max", "min") and len(self._tensor_args(node)) == 2):
             tens = self._tensor_args(node)
             if isinstance(out_val, Tensor):
-                return self.broadcast(tens, out_val.shape)
+                out = self.broadcast(tens, out_val.shape)
+                if name in ("add", "iadd", "add_") and len(tens) > 1:
+                    self.residual.update(out)  # a residual stream (names the group "….stream")
+                return out
             return self.unknown(node, name)
         if name in _REDUCE or name in ("max", "min", "norm"):
             return self.reduce(node, x, name, out_val)
@@ -1041,8 +1089,14 @@ class _Analysis:
         return node.name
 
     def permute_like(self, node: fx.Node, x: tuple[int, ...], out_val: Any) -> Desc:
-        """Axis permutations: find where each axis goes by running the op on a probe."""
-        n = len(x)
+        """Axis permutations (permute, transpose, movedim, .T, ...)."""
+        amap = self._axis_map(node, len(x))
+        if amap is None:
+            return self.unknown(node, _name_of(node.target))
+        return tuple(x[i] for i in amap)
+
+    def _axis_map(self, node: fx.Node, n: int) -> list[int] | None:
+        """For an axis permutation op, the input axis of each output axis (run on a probe)."""
         probe_shape = [2 + i for i in range(n)]
         probe = torch.empty(probe_shape, device="meta")
         try:
@@ -1051,11 +1105,45 @@ class _Analysis:
             else:
                 rest = self.value(node.args[1:])
                 kw = self.value(dict(node.kwargs))
-                fn = getattr(probe, node.target) if node.op == "call_method" else node.target
-                res = fn(*rest, **kw) if node.op == "call_method" else fn(probe, *rest, **kw)
+                if node.op == "call_method":
+                    res = getattr(probe, node.target)(*rest, **kw)
+                else:
+                    res = node.target(probe, *rest, **kw)
+            return [probe_shape.index(s) for s in res.shape]
         except Exception:  # noqa: BLE001 - any failure: unknown op
-            return self.unknown(node, _name_of(node.target))
-        return tuple(x[probe_shape.index(s)] for s in res.shape)
+            return None
+
+    def _select_only(self, node: fx.Node, axis: int, rank: int, depth: int = 0) -> bool:
+        """Is ``axis`` of ``node`` only ever indexed by constants (``qkv[0]``, ``unbind``),
+        through axis permutations? Then its slices are independent unit sets (timm-style qkv)."""
+        if not node.users or depth > 6:
+            return False
+        for u in node.users:
+            if not u.args or u.args[0] is not node:
+                return False
+            name = _name_of(u.target)
+            if u.op in ("call_method", "call_function") and name == "contiguous":
+                ok = self._select_only(u, axis, rank, depth + 1)
+            elif u.op in ("call_method", "call_function") and name in _PERMUTE:
+                amap = self._axis_map(u, rank)
+                ok = amap is not None and self._select_only(u, amap.index(axis), rank, depth + 1)
+            elif u.target is operator.getitem:
+                idx = self.value(u.args[1])
+                idx = idx if isinstance(idx, tuple) else (idx,)
+                ok = (
+                    len(idx) > axis
+                    and isinstance(idx[axis], int)
+                    and all(i == slice(None) for i in idx[:axis])
+                    and all(i == slice(None) for i in idx[axis + 1 :])
+                )
+            elif name == "unbind":
+                dim = self.value(u.args[1] if len(u.args) > 1 else u.kwargs.get("dim", 0))
+                ok = isinstance(dim, int) and dim % rank == axis
+            else:
+                ok = False
+            if not ok:
+                return False
+        return True
 
     def cat(self, node: fx.Node) -> Desc:
         args = node.args
@@ -1067,7 +1155,8 @@ class _Analysis:
         out_val = self.tr.values.get(node)
         if not isinstance(tensors, list) or not isinstance(out_val, Tensor):
             return self.unknown(node, "cat")
-        tensors = [t for t in tensors if _is_t(t) and len(t) == out_val.dim()]
+        if not all(_is_t(t) and len(t) == out_val.dim() for t in tensors):
+            return self.unknown(node, "cat", "operands of another rank or untracked")
         nd = out_val.dim()
         dim = dim % nd
         others = [tuple(t[:dim]) + tuple(t[dim + 1 :]) for t in tensors]
@@ -1089,8 +1178,11 @@ class _Analysis:
             dim = self.value(
                 node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
             ) % len(x)
+            rest = tuple(x[:dim]) + tuple(x[dim + 1 :])
+            if x[dim] in self.selector:
+                return [self.select(rest, x[dim], i) for i in range(len(out_val))]
             self.V.pin(x[dim])
-            return [tuple(x[:dim]) + tuple(x[dim + 1 :]) for _ in out_val]
+            return [rest for _ in out_val]
         dim = self.value(node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0))
         dim = dim % len(x)
         parts = [self.V.new(o.shape[dim]) for o in out_val]
@@ -1151,6 +1243,7 @@ class _Analysis:
                 expanded.append(i)
         out: list[int] = []
         pos = 0
+        chosen: tuple[int, int] | None = None
         for i in expanded:
             if i is None:
                 out.append(self.V.new(1))
@@ -1159,9 +1252,11 @@ class _Analysis:
             size = self.V.size[v]
             pos += 1
             if isinstance(i, int):
-                if size != 1:
+                if v in self.selector:
+                    chosen = (v, i % size)
+                elif size != 1:
                     self.V.pin(v)
-                    self.warn_index(node)
+                    self.pending.append((f"indexing {node.name!r}", "selects one position", [v]))
                 continue
             if isinstance(i, slice):
                 start, stop, step = i.indices(size)
@@ -1169,15 +1264,14 @@ class _Analysis:
                     out.append(v)
                 else:
                     self.V.pin(v)
-                    self.warn_index(node)
+                    self.pending.append((f"slicing {node.name!r}", "keeps some positions", [v]))
                     out.append(self.V.new(len(range(start, stop, step)), pinned=True))
                 continue
             return self.unknown(node, "getitem")
         out.extend(x[pos:])
+        if chosen is not None:
+            return self.select(tuple(out), *chosen)
         return tuple(out)
-
-    def warn_index(self, node: fx.Node) -> None:
-        del node  # indexing on a sequence axis is normal; on a hidden axis it pins it silently
 
     # ============================================================================================
     # From classes to a spec
@@ -1389,8 +1483,10 @@ class _Analysis:
             return first
         if len(labs) == 1:
             return labs[0]
-        prefix = _common_prefix(labs)  # a residual stream: where its producers live
-        return f"{prefix}.stream" if prefix else "stream"
+        prefix = _common_prefix(labs)  # where its producers live
+        if any(self.V.find(v) == g[1] for v in self.residual):
+            return f"{prefix}.stream" if prefix else "stream"
+        return prefix or labs[0]
 
     # --- sites ----------------------------------------------------------------------------------
     def site_parts(self, v: int, offset: int) -> list[tuple[Any, int, int, int | None]] | None:
@@ -1629,6 +1725,8 @@ def infer_spec(
     The groups are found by union-find over tensor axes (see the module docstring); inputs and
     outputs are never permuted, and an op whose symmetry is unknown pins the axes it touches
     (with a warning naming it). The model is traced in eval mode and is not modified.
+    Dropout counts as the identity: in train mode its random masks are tied to positions, so a
+    permuted network with dropout agrees with the original only in distribution.
 
     Args:
         model: the network (any ``nn.Module``).
@@ -1699,7 +1797,7 @@ def capture_sites(
         >>> spec = infer_spec(net, torch.randn(2, 4))
         >>> acts = capture_sites(net, spec, torch.randn(5, 4))
         >>> {k: tuple(v.shape) for k, v in acts.items()}
-        {'1': (5, 8)}
+        {'_1': (5, 8)}
     """
     wanted = list(
         dict.fromkeys(

@@ -62,7 +62,7 @@ class MergeInputs:
     """Everything a method may use besides the states and its parameters.
 
     Attributes:
-        weights: one non-negative-sum coefficient per model (``None``: all 1).
+        weights: one coefficient per model (``None``: all 1).
         base: the pretrained state task vectors are taken from (task-arithmetic family).
         model: a module of the states' architecture (data-dependent methods).
         data: one data source for all models, or a list with one per model.

@@ -16,13 +16,22 @@ mergekit's ``GeneralizedTaskArithmeticMerge``, per tensor):
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
 from torch import Tensor
 
-from .base import MergeInputs, MergeMethod, Params, State, compute_dtype, merge_per_tensor
+from .base import (
+    MergeInputs,
+    MergeMethod,
+    Params,
+    Reference,
+    State,
+    compute_dtype,
+    merge_per_tensor,
+    normalized,
+)
 
 Sparsify = Literal["none", "magnitude", "random"]
 
@@ -147,8 +156,9 @@ class GeneralizedTaskArithmetic(MergeMethod):
 
     needs_base = True
 
-    def __init__(self, name: str, reference, *, params: type[Params], sparsify: Sparsify,
-                 consensus: bool, identity_params=None, summary: str = "") -> None:
+    def __init__(self, name: str, reference: Reference, *, params: type[Params],
+                 sparsify: Sparsify, consensus: bool,
+                 identity_params: Mapping[str, Any] | None = None, summary: str = "") -> None:
         super().__init__(name, reference, identity_params=identity_params, summary=summary)
         self.Params = params  # type: ignore[misc]  # a per-instance parameter model
         self.sparsify = sparsify
@@ -160,31 +170,24 @@ class GeneralizedTaskArithmetic(MergeMethod):
         base = inputs.base
         w = inputs.weight_list(len(states))
         consensus = self.consensus or bool(getattr(params, "consensus", False))
-        gens = [torch.Generator().manual_seed(int(getattr(params, "seed", 0)) * 100_003 + i)
-                for i in range(len(states))]
+        density = float(getattr(params, "density", 1.0))
+        p = float(getattr(params, "p", 0.0))
+        seed = int(getattr(params, "seed", 0))
+        gens = [torch.Generator().manual_seed(seed * 100_003 + i) for i in range(len(states))]
+        coef = normalized(w) if params.normalize and not consensus else w
 
         def combine(key: str, ts: list[Tensor]) -> Tensor:
             dt = compute_dtype(ts[0])
             b = base[key].to(dt)
             taus = [t.to(dt) - b for t in ts]
-            if self.sparsify == "magnitude":
-                taus = [trim_magnitude(t, params.density) for t in taus]  # type: ignore[attr-defined]
-            elif self.sparsify == "random":
-                taus = [drop_and_rescale(t, params.p, g) for t, g in zip(taus, gens, strict=True)]  # type: ignore[attr-defined]
-            if consensus:
+            if self.sparsify == "magnitude":  # TIES step 1: trim
+                taus = [trim_magnitude(t, density) for t in taus]
+            elif self.sparsify == "random":  # DARE: drop and rescale
+                taus = [drop_and_rescale(t, p, g) for t, g in zip(taus, gens, strict=True)]
+            if consensus:  # TIES steps 2-3: elect sign, disjoint merge
                 tau = disjoint_merge(taus, w, params.normalize)
             else:
-                tau = sum(wi * t for wi, t in zip(w, taus, strict=True))
-                if params.normalize:
-                    tau = tau / _nonzero(sum(w))
+                tau = sum(c * t for c, t in zip(coef, taus, strict=True))
             return b + params.scale * tau
 
         return merge_per_tensor(states, w, combine)
-
-
-def _nonzero(x: float) -> float:
-    from ..errors import ConfigError
-
-    if x == 0:
-        raise ConfigError("merge weights sum to 0; give weights with a non-zero sum")
-    return float(x)
