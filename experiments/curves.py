@@ -283,6 +283,9 @@ def render(args: argparse.Namespace, clean: list[dict], robust: list[dict], comm
         pam = [c["pam"] for c in clean]
         lines += [
             "",
+            "Loss barrier: max over t of the loss above the straight line between the endpoints' "
+            "losses; where it is 0, the max loss along the path is an endpoint's.",
+            "",
             "### PAM vs activation matching (fraction of hidden units assigned alike)",
             "",
             "| PAM start | agrees with activation matching | PAM objective | start objective |",

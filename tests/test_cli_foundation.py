@@ -157,6 +157,16 @@ def test_demo_fast_writes_report_and_reuses_cache(monkeypatch, capsys, tmp_path)
     assert test_acc[0] == pytest.approx(a.meta["metrics"]["test_accuracy"])
     assert test_acc[-1] == pytest.approx(b.meta["metrics"]["test_accuracy"])
     assert json.loads((tmp_path / "demo.json").read_text())["barriers"] == report["barriers"]
+    # the grown pipeline: aligned lines and learned curves, all starting at A and ending at
+    # (a permuted copy of) B, which computes B's function, so the ends keep their accuracies
+    assert set(report["paths"]) == {"linear", "linear/act", "linear/weight", "bezier", "bezier/act"}
+    for label, ev in report["paths"].items():
+        acc = ev["splits"]["test"]["values"]["accuracy"]
+        assert acc[0] == pytest.approx(a.meta["metrics"]["test_accuracy"]), label
+        assert acc[-1] == pytest.approx(b.meta["metrics"]["test_accuracy"]), label
+    naive = report["barriers"]["linear"]["loss_train"]
+    for label in ("linear/act", "linear/weight", "bezier", "bezier/act"):
+        assert report["barriers"][label]["loss_train"] < 0.6 * naive, label
     # a second run reuses the cached endpoints and reproduces the numbers
     code, stdout, _ = run_cli(monkeypatch, capsys, "demo", "--fast", "--out", out, "--no-progress")
     assert code == 0 and "reusing endpoint" in stdout

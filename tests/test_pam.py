@@ -198,3 +198,18 @@ def test_fit_curve_with_pam_permutes_endpoint_b(planted) -> None:
     for k, v in a.state_dict().items():  # B permuted by the planted inverse is A itself
         torch.testing.assert_close(end[k], v)
     assert mc.pam_align is pam_align
+
+
+def test_pam_handles_batchnorm_buffers() -> None:
+    torch.manual_seed(0)
+    a = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3))
+    spec = mc.PermutationSpec.from_axes({"h": 6}, {
+        "0.weight": ("h", None), "0.bias": ("h",), "1.weight": ("h",), "1.bias": ("h",),
+        "1.running_mean": ("h",), "1.running_var": ("h",), "3.weight": (None, "h"),
+    })
+    q = mc.random_permutation(spec, seed=1)
+    b = with_state(a, mc.apply_permutation(spec, q, a.state_dict()))
+    data = (torch.randn(64, 4), torch.randint(0, 3, (64,)))
+    perm = pam_align(a, b, data, spec=spec, init=mc.inverse_permutation(q), epochs=2,
+                     batch_size=16, samples=2, progress=False)
+    assert torch.equal(perm["h"], mc.inverse_permutation(q)["h"])

@@ -2,8 +2,10 @@
 
 Stages are functions ``stage(ctx) -> None`` that read and add keys of one dict. The default
 pipeline: load MNIST-1D -> train (or reuse from the cache) two endpoints differing only in seed
--> evaluate the linear path between them -> print tables and write ``report/`` (report.json,
-path.png, the endpoint checkpoints). A later stage adds a path by putting a
+-> evaluate the linear path between them -> align B onto A (activation matching, weight
+matching) and evaluate the linear paths to the aligned B -> learn Bezier curves between A and B,
+unaligned and aligned (the seed paper's comparison) -> print tables and write ``report/``
+(report.json, path.png, the endpoint checkpoints). A later stage adds a path by putting a
 ``PathEvaluation`` into ``ctx["paths"][label]``; the report shows every path in its summary
 table and plot. Insert stages with :func:`default_stages` + list operations.
 """
@@ -37,6 +39,9 @@ class DemoConfig:
         epochs: training epochs per endpoint (``fast`` uses 8).
         lr: peak learning rate.
         points: evaluation points along each path (t evenly spaced in [0, 1]).
+        curve_epochs: epochs of curve training (``fast`` uses 4).
+        align: add the aligned linear paths (activation and weight matching).
+        curves: add the learned Bezier curves (unaligned, and aligned when ``align``).
         out: report folder.
         fast: a quick run (fewer epochs), e.g. for tests.
         use_cache: reuse endpoints trained earlier with the same settings.
@@ -51,6 +56,9 @@ class DemoConfig:
     epochs: int = 40
     lr: float = 0.1
     points: int = 25
+    curve_epochs: int = 20
+    align: bool = True
+    curves: bool = True
     out: str = "report"
     fast: bool = False
     use_cache: bool = True
@@ -61,6 +69,11 @@ class DemoConfig:
     def train_epochs(self) -> int:
         """Epochs actually used (8 in fast mode)."""
         return min(self.epochs, 8) if self.fast else self.epochs
+
+    @property
+    def train_curve_epochs(self) -> int:
+        """Curve-training epochs actually used (4 in fast mode)."""
+        return min(self.curve_epochs, 4) if self.fast else self.curve_epochs
 
 
 # --- stages ---------------------------------------------------------------------------------
@@ -141,12 +154,20 @@ def stage_endpoints(ctx: Context) -> None:
 def stage_linear_path(ctx: Context) -> None:
     """Evaluate the straight line between the endpoints at ``points`` values of t:
     ``ctx["paths"]["linear"]`` (a ``PathEvaluation`` on train and test)."""
-    from .paths import LinearPath, evaluate_path
+    from .paths import LinearPath
+
+    a, b = ctx["endpoints"]
+    _evaluate(ctx, "linear", LinearPath(a.state_dict(), b.state_dict()))
+
+
+_SHORT = {"activation": "act", "weight": "weight"}
+
+
+def _evaluate(ctx: Context, label: str, path: Any) -> None:
+    from .paths import evaluate_path
 
     cfg: DemoConfig = ctx["config"]
-    a, b = ctx["endpoints"]
-    path = LinearPath(a.state_dict(), b.state_dict())
-    ev = evaluate_path(
+    ctx["paths"][label] = evaluate_path(
         ctx["template"],
         path,
         ctx["splits"],
@@ -154,7 +175,58 @@ def stage_linear_path(ctx: Context) -> None:
         device=cfg.device,
         progress=cfg.progress,
     )
-    ctx.setdefault("paths", {})["linear"] = ev
+
+
+def stage_aligned_paths(ctx: Context) -> None:
+    """Permute B's hidden units onto A's and evaluate the linear path to the aligned B.
+
+    Two aligners: neuron alignment by activation correlation (Li et al. 2016; Tatro et al.,
+    NeurIPS 2020, the seed paper) and weight matching (Ainsworth et al., ICLR 2023).
+    Adds ``ctx["aligned"][method]`` (the permuted copy of B) and one path per method.
+    """
+    from .align import align
+    from .paths import LinearPath
+
+    cfg: DemoConfig = ctx["config"]
+    if not cfg.align:
+        return
+    a, b = ctx["endpoints"]
+    ctx["aligned"] = {}
+    for method in ("activation", "weight"):
+        ctx["say"](f"aligning B onto A ({method} matching) ...")
+        b_aligned = align(a, b, method=method, data=ctx["splits"].train)
+        ctx["aligned"][method] = b_aligned
+        _evaluate(
+            ctx, f"linear/{_SHORT[method]}", LinearPath(a.state_dict(), b_aligned.state_dict())
+        )
+
+
+def stage_curves(ctx: Context) -> None:
+    """Learn one-bend Bezier curves (Garipov et al., NeurIPS 2018) between A and B, and between A
+    and the activation-aligned B (Tatro et al., NeurIPS 2020), for the same number of epochs."""
+    from .paths import fit_curve
+
+    cfg: DemoConfig = ctx["config"]
+    if not cfg.curves:
+        return
+    a, b = ctx["endpoints"]
+    pairs = [("bezier", b)]
+    if "activation" in ctx.get("aligned", {}):
+        pairs.append(("bezier/act", ctx["aligned"]["activation"]))
+    for label, end in pairs:
+        ctx["say"](f"learning the {label} curve ({cfg.train_curve_epochs} epochs) ...")
+        curve = fit_curve(
+            a,
+            end,
+            ctx["splits"].train,
+            kind="bezier",
+            bends=1,
+            epochs=cfg.train_curve_epochs,
+            seed=cfg.seeds[0],
+            device=cfg.device,
+            progress=cfg.progress,
+        )
+        _evaluate(ctx, label, curve)
 
 
 def stage_print(ctx: Context) -> None:
@@ -175,28 +247,27 @@ def stage_print(ctx: Context) -> None:
         table.add_row(f"{t:.3f}", f"{tr[i]:.4f}", f"{tra[i]:.2%}", f"{te[i]:.4f}", f"{tea[i]:.2%}")
     console.print(table)
     summary = Table(
-        title="barriers (max over t of value − linear interpolation of the ends)",
+        title="per path: loss and error barriers (max over t of the value minus the linear "
+        "interpolation of the ends' values), and test accuracy along the path",
         title_justify="left",
     )
-    for col in (
-        "path",
-        "loss barrier (train)",
-        "loss barrier (test)",
-        "error barrier (train)",
-        "error barrier (test)",
-        "min test acc",
-    ):
-        summary.add_column(col, justify="right")
+    summary.add_column("path")
+    for col in ("loss\ntrain", "loss\ntest", "error\ntrain", "error\ntest"):
+        summary.add_column(col, justify="right", no_wrap=True)
+    summary.add_column("test acc\nmean", justify="right", no_wrap=True)
+    summary.add_column("test acc\nmin", justify="right", no_wrap=True)
     for label, ev in paths.items():
         summary.add_row(
             label,
-            f"{ev.barrier('loss', 'train'):.4f}",
-            f"{ev.barrier('loss', 'test'):.4f}",
-            f"{ev.barrier('error', 'train'):.2%}",
-            f"{ev.barrier('error', 'test'):.2%}",
-            f"{float(ev.values('accuracy', 'test').min()):.2%}",
+            f"{ev.barrier('loss', 'train'):.3f}",
+            f"{ev.barrier('loss', 'test'):.3f}",
+            f"{ev.barrier('error', 'train'):.1%}",
+            f"{ev.barrier('error', 'test'):.1%}",
+            f"{float(ev.values('accuracy', 'test').mean()):.1%}",
+            f"{float(ev.values('accuracy', 'test').min()):.1%}",
         )
     console.print(summary)
+    console.print("[dim]/act: B aligned by activation matching; /weight: by weight matching[/dim]")
 
 
 def _barriers(ev: Any) -> dict[str, float]:
@@ -209,6 +280,7 @@ def stage_report(ctx: Context) -> None:
     import shutil
 
     from .io import atomic_path, atomic_write
+    from .report import plot_paths
 
     cfg: DemoConfig = ctx["config"]
     out = Path(cfg.out)
@@ -230,9 +302,7 @@ def stage_report(ctx: Context) -> None:
         "time_s": time.perf_counter() - ctx["start"],
     }
     if paths:
-        png = out / "path.png"
-        with atomic_path(png) as tmp:
-            plot_paths(paths, tmp)
+        png = plot_paths(paths, out / "path.png", split="test", title="MNIST-1D, test split")
         files.append(str(png))
     dest = out / "report.json"
     with atomic_write(dest, "w") as f:
@@ -242,42 +312,6 @@ def stage_report(ctx: Context) -> None:
     ctx["say"](f"wrote {', '.join(files)}")
 
 
-def plot_paths(paths: Mapping[str, Any], dest: str | Path) -> None:
-    """Two panels (loss, accuracy against t), train dashed and test solid, one colour per path.
-
-    Args:
-        paths: ``{label: PathEvaluation}`` evaluated on ``train`` and ``test``.
-        dest: image file (format from its suffix).
-
-    Example:
-        >>> plot_paths({"linear": ev}, "path.png")  # doctest: +SKIP
-    """
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(9, 3.6), layout="constrained")
-    ax_loss, ax_acc = fig.subplots(1, 2)
-    for i, (label, ev) in enumerate(paths.items()):
-        color = f"C{i}"
-        ts = ev.ts.numpy()
-        for split, style in (("train", "--"), ("test", "-")):
-            if split not in ev.splits:
-                continue
-            ax_loss.plot(
-                ts, ev.values("loss", split).numpy(), style, color=color, label=f"{label} ({split})"
-            )
-            ax_acc.plot(
-                ts,
-                ev.values("accuracy", split).numpy(),
-                style,
-                color=color,
-                label=f"{label} ({split})",
-            )
-    ax_loss.set(xlabel="t", ylabel="cross-entropy loss", title="loss along the path")
-    ax_acc.set(xlabel="t", ylabel="accuracy", title="accuracy along the path")
-    ax_acc.legend(fontsize=8)
-    fig.savefig(dest, dpi=120)
-
-
 def default_stages() -> list[Stage]:
     """The demo's stages in order (a new list each time, so callers can insert their own).
 
@@ -285,7 +319,15 @@ def default_stages() -> list[Stage]:
         >>> [s.__name__ for s in default_stages()][:2]
         ['stage_data', 'stage_endpoints']
     """
-    return [stage_data, stage_endpoints, stage_linear_path, stage_print, stage_report]
+    return [
+        stage_data,
+        stage_endpoints,
+        stage_linear_path,
+        stage_aligned_paths,
+        stage_curves,
+        stage_print,
+        stage_report,
+    ]
 
 
 def run_demo(

@@ -612,7 +612,7 @@ def plot_plane(
                          cmap="viridis", locator=None)
     else:
         cs = ax.contourf(result.xs.numpy(), result.ys.numpy(), z, levels=levels, cmap="viridis")
-    fig.colorbar(cs, ax=ax, label="train loss" if metric == "loss" else "error")
+    fig.colorbar(cs, ax=ax, label=metric)
     if result.curve is not None:
         c = result.curve.numpy()
         ax.plot(c[:, 0], c[:, 1], color="white", lw=2, label="curve")

@@ -15,6 +15,13 @@ def command(
     fast: Annotated[bool, typer.Option("--fast", help="Quick run: 8 training epochs.")] = False,
     epochs: Annotated[int, typer.Option(help="Training epochs per endpoint.")] = 40,
     points: Annotated[int, typer.Option(help="Points evaluated along each path.")] = 25,
+    curve_epochs: Annotated[int, typer.Option(help="Curve-training epochs per curve.")] = 20,
+    align: Annotated[
+        bool, typer.Option("--align/--no-align", help="Add the aligned linear paths.")
+    ] = True,
+    curves: Annotated[
+        bool, typer.Option("--curves/--no-curves", help="Add the learned Bezier curves.")
+    ] = True,
     cache: Annotated[
         bool, typer.Option("--cache/--no-cache", help="Reuse endpoints trained earlier.")
     ] = True,
@@ -25,11 +32,13 @@ def command(
     json_path: JsonOpt = None,
     progress: ProgressOpt = True,
 ) -> None:
-    """The end-to-end run: two MNIST-1D MLPs differing only in seed, and the line between them.
+    """The end-to-end run: two MNIST-1D MLPs differing only in seed, and the paths between them.
 
-    Trains the two endpoints (or reuses them from the cache), evaluates the straight line between
-    them at --points values of t, prints the loss/accuracy table and the loss and error barriers,
-    and writes the report folder (report.json, path.png, the two endpoints).
+    Trains the two endpoints (or reuses them from the cache); evaluates the straight line between
+    them, the lines to B aligned by activation matching and by weight matching, and Bezier curves
+    learned between A and B unaligned and aligned, at --points values of t; prints the
+    loss/accuracy table and each path's loss and error barriers; writes the report folder
+    (report.json, path.png with every path, the two endpoints).
     """
     from .._src.demo import DemoConfig, run_demo
     from .._src.errors import ConfigError
@@ -38,14 +47,17 @@ def command(
         raise ConfigError(f"--out {str(out)!r} is a file; give a folder for the report")
     if json_path is not None:
         check_out_path(json_path)
-    if epochs < 1 or points < 2 or threads < 1:
-        raise ConfigError("--epochs and --threads must be >= 1 and --points >= 2")
+    if epochs < 1 or curve_epochs < 1 or points < 2 or threads < 1:
+        raise ConfigError("--epochs, --curve-epochs and --threads must be >= 1 and --points >= 2")
     import torch
 
     torch.set_num_threads(threads)
     cfg = DemoConfig(
         epochs=epochs,
         points=points,
+        curve_epochs=curve_epochs,
+        align=align,
+        curves=curves,
         out=str(out),
         fast=fast,
         use_cache=cache,

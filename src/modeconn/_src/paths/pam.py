@@ -243,17 +243,21 @@ def pam_objective(
     total, n = 0.0, 0
     was_training = model.training
     model.train()
-    try:
-        for x, y in as_loader(data, batch_size=batch_size):
-            x, y = x.to(dev), y.to(dev)
-            for t in ts:
-                point = _curve_point(a, b, float(t))
-                xt = x if input_transform is None else input_transform(_forward(model, point), x, y)
-                with torch.no_grad():
-                    total += float(_loss(model, point, xt, y)) * len(y)
-                n += len(y)
-    finally:
-        model.train(was_training)
+    # a fixed RNG: every candidate sees the same dropout masks / PGD starts (global RNG untouched)
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        torch.manual_seed(0)
+        try:
+            for x, y in as_loader(data, batch_size=batch_size):
+                x, y = x.to(dev), y.to(dev)
+                for t in ts:
+                    point = _curve_point(a, b, float(t))
+                    xt = x if input_transform is None else input_transform(
+                        _forward(model, point), x, y)
+                    with torch.no_grad():
+                        total += float(_loss(model, point, xt, y)) * len(y)
+                    n += len(y)
+        finally:
+            model.train(was_training)
     if n == 0:
         raise DataError("cannot evaluate the PAM objective on an empty dataset")
     return total / n
@@ -374,10 +378,15 @@ def pam_align(
     ratio = lr / nu
     history: list[float] = []
     model = model_a
+    params = {n for n, _ in model.named_parameters()}
     was_training = model.training
     model.train()
     try:
-        with progress_bar(progress, total=epochs * len(loader), description="PAM") as advance:
+        with (
+            progress_bar(progress, total=epochs * len(loader), description="PAM") as advance,
+            torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []),
+        ):
+            torch.manual_seed(seed)  # dropout and input_transform draws: reproducible
             for epoch in range(epochs if opt is not None else 0):
                 total, n = 0.0, 0
                 for x, y in loader:
@@ -385,6 +394,8 @@ def pam_align(
                     t = float(torch.rand((), generator=gen))
                     soft_b = _soft_apply(spec, {**fixed, **P}, b)
                     point = _curve_point(a, soft_b, t)
+                    # buffers (BatchNorm statistics) carry no gradient: train mode ignores them
+                    point = {k: v if k in params else v.detach() for k, v in point.items()}
                     if input_transform is not None:
                         x = input_transform(_forward(model, point), x, y)
                     loss = _loss(model, point, x, y)
