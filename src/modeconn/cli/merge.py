@@ -137,6 +137,7 @@ def command(
             raise ConfigError("give the checkpoints to merge (modeconn merge A B ...) or --config")
         if out is None:
             raise ConfigError("give --out merged.safetensors (where to write the merged model)")
+        check_out_path(out, suffixes=_SUFFIXES)
         name = method or "average"
         get_method(name)  # unknown method: one line listing the methods, before any work
         if data is None:
