@@ -152,8 +152,8 @@ def save_checkpoint(
         The path written.
 
     Example:
-        >>> import modeconn as mc  # doctest: +SKIP
-        >>> save_checkpoint("a.safetensors", mc.models.create("mlp"), meta={"seed": 0})
+        >>> save_checkpoint("a.safetensors", mc.models.create("mlp"), meta={"seed": 0}).name
+        'a.safetensors'
     """
     import json
 
@@ -363,8 +363,10 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         :class:`Checkpoint` with ``.state``, ``.meta`` and ``.build()``.
 
     Example:
-        >>> ck = load_checkpoint("a.safetensors")  # doctest: +SKIP
-        >>> model = ck.build()
+        >>> _ = save_checkpoint("a.safetensors", mc.models.create("mlp"), meta={"seed": 0})
+        >>> ck = load_checkpoint("a.safetensors")
+        >>> ck.meta["seed"], type(ck.build()).__name__
+        (0, 'MLP')
     """
     from .errors import CheckpointError
 

@@ -301,9 +301,11 @@ def evaluate_path(
         A :class:`PathEvaluation` (``.ts``, ``.loss``, ``.accuracy``, ``.barrier()``, ...).
 
     Example:
-        >>> line = mc.LinearPath(sa, sb)
-        >>> ev = mc.evaluate_path(model_a, line, splits.test, ts=11)  # doctest: +SKIP
-        >>> ev.barrier("loss")  # doctest: +SKIP
+        >>> a, b = nn.Linear(4, 3), nn.Linear(4, 3)
+        >>> x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
+        >>> ev = mc.evaluate_path(a, mc.LinearPath(a.state_dict(), b.state_dict()), (x, y), ts=11)
+        >>> len(ev.ts), ev.barrier("loss") >= 0
+        (11, True)
     """
     dev = resolve_device(device) if device is not None else model_device(model)
     t_grid = _ts(ts)
