@@ -63,11 +63,12 @@ def _accuracies(model: torch.nn.Module, state: Any, test: tuple[Any, Any], tasks
 
 
 def _tuned(model: Any, states: list, val: Any, method: str, **kw: Any) -> tuple[Any, float]:
-    """Merge with every scale in SCALES (normalize=False: lambda * sum of task vectors), keep the
-    best on the held-out set (Ilharco et al. tune lambda on validation data the same way)."""
+    """Merge with every scale in SCALES (each method in its paper's form: lambda * sum of task
+    vectors for task arithmetic/DARE, lambda * disjoint mean for TIES), keep the best on the
+    held-out set (Ilharco et al. tune lambda on validation data the same way)."""
     best = None
     for s in SCALES:
-        merged = mc.merge(states, method=method, scale=s, normalize=False, **kw)
+        merged = mc.merge(states, method=method, scale=s, **kw)
         acc = mc.evaluate(model, val, state=merged).accuracy
         if best is None or acc > best[2]:
             best = (merged, s, acc)
@@ -138,7 +139,7 @@ def run(out: Path, epochs: int, quick: bool) -> list[dict]:
         add(tag, "regmean", "no", pre,
             mc.merge(states, method="regmean", model=pre, data=task_data))
         add(tag, "task_arithmetic (mean)", "no", pre,
-            mc.merge(states, method="task_arithmetic", base=base))
+            mc.merge(states, method="task_arithmetic", base=base, normalize=True))
         lams = {}
         for method, kw in (("task_arithmetic", {}), ("ties", {"density": 0.2}),
                            ("dare", {"p": 0.5}), ("dare", {"p": 0.5, "consensus": True})):
@@ -151,10 +152,10 @@ def run(out: Path, epochs: int, quick: bool) -> list[dict]:
         aligned = {"align": "weight", "model": pre, "data": val}
         add(tag, "average", "weight", pre, mc.merge(states, **aligned))
         add(tag, "task_arithmetic (mean)", "weight", pre,
-            mc.merge(states, method="task_arithmetic", base=base, **aligned))
+            mc.merge(states, method="task_arithmetic", base=base, normalize=True, **aligned))
         add(tag, "ties (lambda tuned)", "weight", pre,
-            mc.merge(states, method="ties", base=base, scale=lams["ties"], normalize=False,
-                     **aligned), f"lambda={lams['ties']}")
+            mc.merge(states, method="ties", base=base, scale=lams["ties"], **aligned),
+            f"lambda={lams['ties']}")
 
     # --- B: independent models from different seeds -----------------------------------------
     t0 = time.time()

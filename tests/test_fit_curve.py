@@ -172,6 +172,20 @@ def test_batchnorm_model_trains_with_batch_statistics(mnist1d_splits):
     assert bool(torch.isfinite(ev.loss).all())
 
 
+def test_frozen_parameters_follow_the_curve_during_training():
+    (a, b), (x, y) = _toy(6)
+    for net in (a, b):
+        net[0].bias.requires_grad_(False)
+    curve = initial_curve(a, a.state_dict(), b.state_dict(), bends=1)
+    theta = curve(0.25)  # the network trained at t is the network path.state(t) gives
+    want = mc.BezierCurve([a.state_dict(), curve.to_path().points[1], b.state_dict()]).state(0.25)
+    torch.testing.assert_close(theta["0.bias"], want["0.bias"], atol=1e-6, rtol=0)
+    assert not theta["0.bias"].requires_grad and theta["0.weight"].requires_grad
+    fitted = mc.fit_curve(a, b, (x, y), epochs=1, batch_size=32, progress=False)
+    mid = 0.5 * (a.state_dict()["0.bias"] + b.state_dict()["0.bias"])
+    torch.testing.assert_close(fitted.points[1]["0.bias"], mid, atol=1e-6, rtol=0)
+
+
 def test_bad_options_are_refused():
     (a, b), data = _toy()
     with pytest.raises(ConfigError, match="kind"):
@@ -180,6 +194,8 @@ def test_bad_options_are_refused():
         mc.fit_curve(a, b, data, align="magic")
     with pytest.raises(ConfigError, match="bends"):
         mc.fit_curve(a, b, data, bends=0)
+    with pytest.raises(ConfigError, match="bends"):
+        mc.fit_curve(a, b, data, bends=-1, fix_endpoints=False)
 
 
 @pytest.mark.slow

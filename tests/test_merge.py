@@ -345,6 +345,46 @@ def test_task_arithmetic_is_ilharcos_formula():
     assert torch.allclose(out[k], want, atol=1e-6)
 
 
+def test_task_vector_methods_default_to_their_papers_form():
+    base, a, b = _state(5), _state(0), _state(1)
+    k = "0.weight"
+    ta = merge([a, b], method="task_arithmetic", base=base)  # Ilharco: base + lambda * sum
+    assert torch.allclose(ta[k], a[k] + b[k] - base[k], atol=1e-6)
+    assert ta.info["normalize"] is False
+    mean = merge([a, b], method="task_arithmetic", base=base, normalize=True)
+    assert torch.allclose(mean[k], 0.5 * (a[k] + b[k]), atol=1e-6)
+    _assert_states_close(merge([a, b], method="dare", base=base, p=0.0), ta, atol=1e-6)
+    ties = merge([a, b], method="ties", base=base, density=1.0)  # TIES: the disjoint mean
+    assert ties.info["normalize"] is True
+    _assert_states_close(ties, merge([a, b], method="ties", base=base, density=1.0,
+                                     normalize=True), atol=0)
+
+
+def test_task_negation_keeps_batchnorm_statistics_valid():
+    base, a, b = _state(5), _state(0), _state(1)
+    out = merge([a, b], method="task_arithmetic", base=base, weights=[1.0, -1.0])
+    k = "0.weight"
+    assert torch.allclose(out[k], base[k] + (a[k] - base[k]) - (b[k] - base[k]), atol=1e-6)
+    var = 0.5 * (a["1.running_var"] + b["1.running_var"])
+    assert torch.allclose(out["1.running_var"], var, atol=1e-6)
+
+
+def test_ties_trim_over_the_whole_task_vector():
+    base = {"u": torch.zeros(4), "v": torch.zeros(2)}
+    # task 0: big entries in u, small in v; task 1: small in u, big in v
+    t0 = {"u": torch.tensor([4.0, -3.0, 0.1, 0.2]), "v": torch.tensor([0.3, -0.4])}
+    t1 = {"u": torch.tensor([0.1, 0.2, -0.3, 0.1]), "v": torch.tensor([5.0, 6.0])}
+    # model-wide top 50% (3 of 6 entries): t0 keeps u0, u1, v1 (|-0.4|); t1 keeps u2 (0.3), v0, v1
+    out = merge([t0, t1], method="ties", base=base, density=0.5, trim="model")
+    # signs: u [+, -, -, 0], v [+, + (6 - 0.4)]; disjoint mean
+    assert out["u"].tolist() == pytest.approx([4.0, -3.0, -0.3, 0.0])
+    assert out["v"].tolist() == pytest.approx([5.0, 6.0])
+    per_tensor = merge([t0, t1], method="ties", base=base, density=0.5)
+    # per tensor: u keeps 2 of 4 per task (t0: u0, u1; t1: u2, u1), v keeps 1 of 2 (v1, v1)
+    assert per_tensor["u"].tolist() == pytest.approx([4.0, -3.0, -0.3, 0.0])
+    assert per_tensor["v"].tolist() == pytest.approx([0.0, 6.0])
+
+
 @pytest.mark.parametrize("scale,normalize", [(1.0, True), (0.4, False)])
 def test_dare_with_p_zero_is_task_arithmetic(scale, normalize):
     states, base = [_state(i) for i in range(3)], _state(5)

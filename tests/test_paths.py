@@ -272,6 +272,34 @@ def test_named_splits_bn_reset_and_robust_accuracy():
     assert ev.split("train").loss.tolist() == ev.values("loss", "train").tolist()
     d = ev.to_dict()
     assert set(d["splits"]["test"]["barrier"]) == {"loss", "error", "robust_loss", "robust_error"}
+    # evaluating only the test split still recomputes the statistics on the train split
+    only = mc.evaluate_path(a, path, {"train": train, "test": test}, ts=3, splits=["test"],
+                            progress=False)
+    assert only.splits == ["test"]
+    assert only.loss[1].item() == pytest.approx(mc.evaluate(mid, test).loss, rel=1e-5)
+
+
+def test_unsorted_ts_are_evaluated_in_order():
+    (a, b), (x, y) = _mlp_pair(1)
+    path = mc.LinearPath(a.state_dict(), b.state_dict())
+    ev = mc.evaluate_path(a, path, (x, y), ts=5, progress=False)
+    shuffled = mc.evaluate_path(a, path, (x, y), ts=[0.5, 1.0, 0.0, 0.75, 0.25], progress=False)
+    assert shuffled.ts.tolist() == ev.ts.tolist()
+    assert shuffled.barrier("loss") == pytest.approx(ev.barrier("loss"))
+    assert shuffled.summary("loss")["arc_mean"] == pytest.approx(ev.summary("loss")["arc_mean"])
+
+
+def test_load_rejects_a_damaged_path_file(tmp_path):
+    from safetensors.torch import save_file
+
+    file = mc.LinearPath(*_states(2)[:2]).save(tmp_path / "p.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as f:
+        meta = f.metadata()
+    save_file({"pointX.w": torch.zeros(2)}, str(tmp_path / "bad.safetensors"), metadata=meta)
+    with pytest.raises(CheckpointError, match="damaged"):
+        mc.load_path(tmp_path / "bad.safetensors")
 
 
 def test_evaluate_path_checks_endpoints_and_validates_ts():

@@ -51,7 +51,8 @@ register(GeneralizedTaskArithmetic(
     Reference("Ilharco et al., Editing Models with Task Arithmetic", 2023,
               "https://arxiv.org/abs/2212.04089"),
     params=TaskArithmeticParams, sparsify="none", consensus=False,
-    summary="base + scale * (weighted mean or sum of task vectors)",
+    identity_params={"normalize": True},
+    summary="base + scale * sum of task vectors (normalize=True: their weighted mean)",
 ))
 register(GeneralizedTaskArithmetic(
     "ties",
@@ -64,7 +65,8 @@ register(GeneralizedTaskArithmetic(
     "dare",
     Reference("Yu et al., Language Models are Super Mario (DARE)", 2024,
               "https://arxiv.org/abs/2311.03099"),
-    params=DareParams, sparsify="random", consensus=False, identity_params={"p": 0.0},
+    params=DareParams, sparsify="random", consensus=False,
+    identity_params={"p": 0.0, "normalize": True},
     summary="drop task-vector entries with prob p, rescale by 1/(1-p), then sum or TIES",
 ))
 register(SlerpMerge(

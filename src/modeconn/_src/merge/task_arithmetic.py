@@ -7,10 +7,14 @@ mergekit's ``GeneralizedTaskArithmeticMerge``, per tensor):
    magnitudes (TIES "trim"), or drop each entry with probability ``p`` and rescale the survivors
    by ``1 / (1 - p)`` (DARE);
 2. weight: ``tau_i <- w_i tau_i``;
-3. combine: the sum (``normalize``: divided by ``sum_i w_i``), or with sign consensus (TIES
+3. combine: the sum (``normalize=True``: divided by ``sum_i w_i``), or with sign consensus (TIES
    "elect sign" ``gamma = sign(sum_i tau_i)``, then the "disjoint mean" over the entries whose
    sign agrees with ``gamma``; ``normalize=False`` gives their sum instead);
 4. ``theta = theta_base + scale * tau``.
+
+By default (``normalize=None``) each method follows its paper: task arithmetic and DARE sum the
+task vectors (Ilharco et al.'s ``theta_base + lambda sum_i tau_i``, ``lambda`` = ``scale``), TIES
+and DARE with ``consensus=True`` take the disjoint mean.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from .base import (
     Reference,
     State,
     compute_dtype,
+    is_statistic,
     merge_per_tensor,
     normalized,
 )
@@ -40,8 +45,12 @@ class TaskArithmeticParams(Params):
     """Parameters of task arithmetic."""
 
     scale: float = Field(1.0, description="lambda, the coefficient of the merged task vector")
-    normalize: bool = Field(
-        True, description="divide the weighted sum of task vectors by the sum of the weights"
+    normalize: bool | None = Field(
+        None,
+        description=(
+            "divide the (agreeing) task vectors' weighted sum by their total weight; None: the "
+            "paper's form (a sum for task arithmetic/DARE, the disjoint mean for TIES)"
+        ),
     )
 
 
@@ -50,6 +59,13 @@ class TiesParams(TaskArithmeticParams):
 
     density: float = Field(
         0.2, gt=0.0, le=1.0, description="fraction k of each task vector's entries kept (top |.|)"
+    )
+    trim: Literal["tensor", "model"] = Field(
+        "tensor",
+        description=(
+            "trim each tensor of a task vector to its top-k (mergekit) or the whole task vector "
+            "at once (the TIES paper's code)"
+        ),
     )
 
 
@@ -80,6 +96,24 @@ def trim_magnitude(tau: Tensor, density: float) -> Tensor:
     keep = torch.zeros(n, dtype=torch.bool, device=tau.device)
     keep[flat.abs().topk(k).indices] = True
     return torch.where(keep, flat, torch.zeros_like(flat)).view_as(tau)
+
+
+def magnitude_threshold(taus: Sequence[Tensor], density: float) -> float:
+    """The ``ceil(density * n)``-th largest ``|tau|`` over all the tensors together (TIES trim of
+    a whole task vector, as in the TIES code's ``topk_values_mask``); 0 for no entries.
+
+    Example:
+        >>> magnitude_threshold([torch.tensor([0.1, -3.0]), torch.tensor([2.0, -0.5])], 0.5)
+        2.0
+    """
+    flat = torch.cat([t.detach().reshape(-1).abs().float().cpu() for t in taus])
+    n = flat.numel()
+    if n == 0:
+        return 0.0
+    k = max(1, int(torch.tensor(density * n).ceil().item()))
+    if k >= n:
+        return 0.0
+    return float(flat.kthvalue(n - k + 1).values)
 
 
 def drop_and_rescale(tau: Tensor, p: float, generator: torch.Generator) -> Tensor:
@@ -140,15 +174,30 @@ class GeneralizedTaskArithmetic(MergeMethod):
 
     With task vectors ``tau_i = theta_i - theta_base`` and weights ``w_i``:
 
-    - task arithmetic: ``theta = theta_base + scale * sum_i w_i tau_i / Z``, ``Z = sum_i w_i``
-      (``normalize=False``: ``Z = 1``, Ilharco's ``theta_base + lambda sum_i tau_i``);
-    - TIES: ``tau_i`` trimmed to its top-``density`` magnitudes (per tensor; the original code
-      trims over the whole flattened model), ``gamma = sign(sum_i w_i tau_i)``, then the disjoint
-      mean ``sum_{i in A} w_i tau_i / sum_{i in A} w_i`` over the agreeing models ``A``,
+    - task arithmetic: ``theta = theta_base + scale * sum_i w_i tau_i / Z`` with ``Z = 1`` by
+      default (Ilharco's ``theta_base + lambda sum_i tau_i``, ``lambda`` = ``scale``) and
+      ``Z = sum_i w_i`` with ``normalize=True`` (the mean task vector);
+    - TIES: ``tau_i`` trimmed to its top-``density`` magnitudes (``trim="tensor"``, the default:
+      per tensor, as mergekit does; ``trim="model"``: over the whole task vector, as the TIES
+      code does: entries with ``|tau| >=`` the model-wide threshold survive),
+      ``gamma = sign(sum_i w_i tau_i)``, then the disjoint mean
+      ``sum_{i in A} w_i tau_i / sum_{i in A} w_i`` over the agreeing models ``A``,
       ``theta = theta_base + scale * tau``;
     - DARE: each entry of ``tau_i`` dropped with probability ``p``, the rest scaled by
       ``1 / (1 - p)`` (seeded), then task arithmetic, or TIES' sign consensus with
       ``consensus=True``. ``p = 0`` is task arithmetic.
+
+    ``normalize`` (default ``None``: each paper's form) divides by the (agreeing) total weight;
+    ``normalize=True`` turns task arithmetic into ``theta_base + scale * mean_i tau_i``.
+    BatchNorm running statistics are the mean of the models' (weighted by ``|w_i|``).
+
+    Example:
+        >>> base = {"w": torch.zeros(2)}
+        >>> fts = [{"w": torch.tensor([1.0, 0.0])}, {"w": torch.tensor([1.0, 2.0])}]
+        >>> mc.merge(fts, method="task_arithmetic", base=base, scale=0.5)["w"].tolist()
+        [1.0, 1.0]
+        >>> mc.merge(fts, method="task_arithmetic", base=base, normalize=True)["w"].tolist()
+        [1.0, 1.0]
 
     Needs ``base``. Fine-tuned copies of one pretrained model share its unit order, so alignment
     is usually unnecessary here.
@@ -170,24 +219,40 @@ class GeneralizedTaskArithmetic(MergeMethod):
         base = inputs.base
         w = inputs.weight_list(len(states))
         consensus = self.consensus or bool(getattr(params, "consensus", False))
+        normalize = consensus if params.normalize is None else params.normalize
+        inputs.info["normalize"] = normalize
         density = float(getattr(params, "density", 1.0))
         p = float(getattr(params, "p", 0.0))
         seed = int(getattr(params, "seed", 0))
         gens = [torch.Generator().manual_seed(seed * 100_003 + i) for i in range(len(states))]
-        coef = normalized(w) if params.normalize and not consensus else w
+        coef = normalized(w) if normalize and not consensus else w
+        thresholds: list[float] | None = None
+        if self.sparsify == "magnitude" and getattr(params, "trim", "tensor") == "model":
+            keys = [k for k, t in states[0].items() if t.is_floating_point()
+                    and not is_statistic(k)]
+            thresholds = [
+                magnitude_threshold([s[k].to(compute_dtype(s[k])) - base[k] for k in keys],
+                                    density)
+                for s in states
+            ]
 
         def combine(key: str, ts: list[Tensor]) -> Tensor:
             dt = compute_dtype(ts[0])
             b = base[key].to(dt)
             taus = [t.to(dt) - b for t in ts]
-            if self.sparsify == "magnitude":  # TIES step 1: trim
+            if thresholds is not None:  # TIES step 1, model-wide: keep |tau| >= threshold
+                taus = [torch.where(t.abs() >= th, t, torch.zeros_like(t))
+                        for t, th in zip(taus, thresholds, strict=True)]
+            elif self.sparsify == "magnitude":  # TIES step 1: trim
                 taus = [trim_magnitude(t, density) for t in taus]
             elif self.sparsify == "random":  # DARE: drop and rescale
                 taus = [drop_and_rescale(t, p, g) for t, g in zip(taus, gens, strict=True)]
             if consensus:  # TIES steps 2-3: elect sign, disjoint merge
-                tau = disjoint_merge(taus, w, params.normalize)
+                tau = disjoint_merge(taus, w, normalize)
             else:
                 tau = sum(c * t for c, t in zip(coef, taus, strict=True))
             return b + params.scale * tau
 
-        return merge_per_tensor(states, w, combine)
+        # Statistics are averaged with |w_i| (task negation, w_i < 0, must not negate a variance).
+        stat_w = [abs(x) for x in w] if any(w) else [1.0] * len(w)
+        return merge_per_tensor(states, stat_w, combine)

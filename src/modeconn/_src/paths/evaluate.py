@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from ..errors import ConfigError, DataError
-from ..evaluation import DataLike, as_loader, model_device, resolve_device, with_state
+from ..evaluation import DataLike, as_loader, model_device, resolve_device
 from ..norm import needs_bn_reset, reset_bn
 from ..progress import progress_bar
 from .base import Path
@@ -227,7 +227,8 @@ def _ts(ts: int | Sequence[float] | Tensor) -> Tensor:
     ).flatten()
     if len(out) == 0 or bool(((out < 0) | (out > 1)).any()):
         raise ConfigError("ts must be a non-empty list of positions in [0, 1]")
-    return out
+    # Sorted: the barrier's baseline joins the first and last t and dl joins neighbours.
+    return torch.sort(out).values
 
 
 def _cache(data: DataLike, dev: torch.device, batch_size: int) -> list[tuple[Tensor, Tensor]]:
@@ -287,9 +288,10 @@ def evaluate_path(
         path: a :class:`LinearPath`, :class:`BezierCurve`, :class:`PolyChain`, ...
         data: one dataset (DataLoader, Dataset or ``(inputs, targets)``), a mapping
             ``{split name: dataset}``, or a ``mc.data.Splits`` (then ``train`` and ``test``).
-        ts: number of evenly spaced points in [0, 1] or the positions themselves.
-        bn_data: data for the BatchNorm statistics (default: the ``train`` split if there is
-            one, else the first split); ignored for models without BatchNorm.
+        ts: number of evenly spaced points in [0, 1] or the positions themselves (sorted).
+        bn_data: data for the BatchNorm statistics (default: the ``train`` split if ``data`` has
+            one, even when ``splits`` does not evaluate it, else the first evaluated split);
+            ignored for models without BatchNorm.
         device: where to run (default: the model's device).
         splits: evaluate only these split names of ``data``.
         robust: PGD settings (``mc.PGDConfig`` or a dict with ``eps``, ``step``, ``steps``) to
@@ -309,6 +311,7 @@ def evaluate_path(
     """
     dev = resolve_device(device) if device is not None else model_device(model)
     t_grid = _ts(ts)
+    everything = _named_splits(data, None)
     named = _named_splits(data, splits)
     primary = "test" if "test" in named else next(iter(named))
     bn = needs_bn_reset(model)
@@ -318,7 +321,8 @@ def evaluate_path(
 
         pgd = PGDConfig.coerce(robust)
     if bn and bn_data is None:
-        bn_data = named.get("train", next(iter(named.values())))
+        # The training split even when ``splits`` leaves it out of the evaluation.
+        bn_data = everything.get("train", next(iter(named.values())))
     cached = {name: _cache(d, dev, batch_size) for name, d in named.items()}
     if bn:
         # Pre-batched and on the device: reset_bn iterates it at every t without re-collating.
@@ -326,6 +330,9 @@ def evaluate_path(
         bn_loader = DataLoader(bn_batches or _cache(bn_data, dev, batch_size), batch_size=None)
 
     net = copy.deepcopy(model).to(dev).eval()
+    work = copy.deepcopy(net) if bn else net  # θ(t) is loaded here before each BN reset
+    if any(v.device != dev for v in path._points[0].values()):
+        path = path.to(dev)  # θ(t) is built where it is used: no host round trip per t
     param_names = [n for n, _ in model.named_parameters()]
     missing = [n for n in param_names if n not in path._points[0]]
     if missing:
@@ -342,7 +349,7 @@ def evaluate_path(
     endpoint_error: float | None = None
     with progress_bar(progress, total=len(t_grid), description="evaluating path") as advance:
         for t in t_grid.tolist():
-            st = {k: v.to(dev) for k, v in path.state(t).items()}
+            st = path.state(t)
             if prev is not None:
                 sq = sum(
                     float((st[n].double() - prev[n].double()).pow(2).sum()) for n in param_names
@@ -350,7 +357,8 @@ def evaluate_path(
                 dl.append(sq**0.5)
             prev = {n: st[n] for n in param_names}
             if bn:
-                net_t, state_t = reset_bn(with_state(net, st), bn_loader, device=dev), None
+                work.load_state_dict(st, strict=True)
+                net_t, state_t = reset_bn(work, bn_loader, device=dev), None
             else:
                 net_t, state_t = net, st
             for name, batches in cached.items():

@@ -85,7 +85,10 @@ class ControlPointCurve(CurveParametrization):
     θ(t) = Σ_i c_i(t) θ_i with Bernstein (``kind="bezier"``) or hat (``"polychain"``)
     coefficients. Each point's parameters are stored as one flat vector, so θ(t) costs
     ``num_points`` fused multiply-adds over the parameter vector. Buffers (BatchNorm statistics)
-    are not trained; the returned path carries the points' initial buffers.
+    are not trained; the returned path carries the points' initial buffers. Frozen parameters
+    (``frozen_names``, e.g. ``requires_grad=False`` in the model) are not trained either, but
+    θ(t) contains their interpolation ``Σ_i c_i(t) θ_i`` (what ``path.state(t)`` gives them), so
+    the network trained at t is the network evaluated at t.
 
     Args:
         kind: ``"bezier"`` or ``"polychain"``.
@@ -93,6 +96,7 @@ class ControlPointCurve(CurveParametrization):
         param_names: the model's trainable parameter names (``model.named_parameters()``).
         aliases: extra state-dict keys that are tied to a parameter (``{alias: parameter}``).
         fix_endpoints: keep θ_A and θ_B fixed (the usual setting) or train them too.
+        frozen_names: floating parameters that are interpolated but not trained.
 
     Example:
         >>> m = nn.Linear(2, 1); s = m.state_dict()
@@ -109,6 +113,7 @@ class ControlPointCurve(CurveParametrization):
         *,
         aliases: Mapping[str, str] | None = None,
         fix_endpoints: bool = True,
+        frozen_names: Sequence[str] = (),
     ):
         super().__init__()
         if kind not in COEFFICIENTS:
@@ -141,6 +146,10 @@ class ControlPointCurve(CurveParametrization):
             else:
                 self._slots.append((False, i))
                 self.register_buffer(f"fixed{i}", vec)
+        self.frozen_names = [n for n in frozen_names if first[n].is_floating_point()]
+        for i, p in enumerate(points):
+            for j, n in enumerate(self.frozen_names):
+                self.register_buffer(f"frozen{i}_{j}", p[n].detach().clone(), persistent=False)
         skip = set(self.param_names) | set(self.aliases)
         self._rest = [
             {k: v.detach().to("cpu").clone() for k, v in p.items() if k not in skip} for p in points
@@ -158,12 +167,18 @@ class ControlPointCurve(CurveParametrization):
             if c != 0.0:
                 flat = v * c if flat is None else flat.add(v, alpha=c)
         assert flat is not None
-        return {
+        out = {
             n: chunk.view(s)
             for n, chunk, s in zip(
                 self.param_names, flat.split(self.sizes), self.shapes, strict=True
             )
         }
+        with torch.no_grad():
+            for j, n in enumerate(self.frozen_names):
+                out[n] = sum(
+                    c * getattr(self, f"frozen{i}_{j}") for i, c in enumerate(coeffs) if c != 0.0
+                )
+        return out
 
     def to_path(self, meta: dict[str, Any] | None = None) -> Path:
         """The control points as complete state dicts in a BezierCurve / PolyChain (CPU)."""
@@ -180,7 +195,12 @@ class ControlPointCurve(CurveParametrization):
 
 
 def parameter_names(model: nn.Module) -> tuple[list[str], dict[str, str]]:
-    """The model's trainable parameter names and its tied aliases (``{alias: parameter}``)."""
+    """The model's trainable parameter names and its tied aliases (``{alias: parameter}``).
+
+    Example:
+        >>> parameter_names(nn.Linear(2, 1))
+        (['weight', 'bias'], {})
+    """
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     first: dict[int, str] = {}
     aliases: dict[str, str] = {}
@@ -461,8 +481,9 @@ def fit_curve(
     """
     if kind not in COEFFICIENTS:
         raise ConfigError(f"unknown curve kind {kind!r}; use one of {sorted(COEFFICIENTS)}")
-    if bends < 1 and fix_endpoints:
-        raise ConfigError(f"bends must be >= 1, got {bends}")
+    if bends < (1 if fix_endpoints else 0):
+        need = ">= 1" if fix_endpoints else ">= 0 (free endpoints)"
+        raise ConfigError(f"bends must be {need}, got {bends}")
     aligns = (None, "weight", "activation", "pam")
     if align not in aligns:
         raise ConfigError(f"unknown align {align!r}; use one of {list(aligns)}")
@@ -567,4 +588,7 @@ def initial_curve(
     ]
     points.append(dict(state_b))
     names, aliases = parameter_names(model)
-    return ControlPointCurve(kind, points, names, aliases=aliases, fix_endpoints=fix_endpoints)
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    return ControlPointCurve(
+        kind, points, names, aliases=aliases, fix_endpoints=fix_endpoints, frozen_names=frozen
+    )

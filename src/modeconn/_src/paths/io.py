@@ -96,15 +96,17 @@ def load_path(path: str | FsPath) -> Path:
         raise CheckpointError(f"{src} is not a readable safetensors file ({e})") from None
     if header is None:
         raise CheckpointError(f"{src} is a safetensors file but not a modeconn path (no metadata)")
-    info = json.loads(header)
-    if info.get("format") != FORMAT or info.get("kind") not in REGISTRY:
-        raise CheckpointError(f"{src} holds an unknown path kind {info.get('kind')!r}")
-    n = int(info["num_points"])
-    points: list[dict] = [{} for _ in range(n)]
-    for key, t in tensors.items():
-        head, _, name = key.partition(".")
-        i = int(head.removeprefix("point"))
-        points[i][name] = t
-    order = info.get("keys") or sorted(points[0])
-    points = [{k: p[k] for k in order} for p in points]
+    try:
+        info = json.loads(header)
+        if info.get("format") != FORMAT or info.get("kind") not in REGISTRY:
+            raise CheckpointError(f"{src} holds an unknown path kind {info.get('kind')!r}")
+        n = int(info["num_points"])
+        points: list[dict] = [{} for _ in range(n)]
+        for key, t in tensors.items():
+            head, _, name = key.partition(".")
+            points[int(head.removeprefix("point"))][name] = t
+        order = info.get("keys") or sorted(points[0])
+        points = [{k: p[k] for k in order} for p in points]
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{src} is a damaged modeconn path file ({e!r})") from None
     return REGISTRY[info["kind"]].from_points(points, meta=info.get("meta") or {})
