@@ -204,3 +204,37 @@ def test_alignment_lowers_the_linear_path_loss_barrier(
     assert naive > naive_min, naive
     assert weight < min(weight_max, 0.4 * naive), (naive, weight)
     assert act < min(act_max, 0.3 * naive), (naive, act)
+
+
+def test_multihead_attention_groups_are_weight_matched_around_activation_matched_streams():
+    """nn.MultiheadAttention hides q/k/v inside one module: its heads group has no site and is
+    aligned by the (heads-structured) weight fallback; the stream and MLP groups by activations."""
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True)
+    a = torch.nn.Sequential(
+        torch.nn.Linear(6, 16),
+        torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False),
+        torch.nn.Flatten(),
+        torch.nn.Linear(16 * 5, 3),
+    )
+    x, y = torch.randn(128, 5, 6), torch.randint(0, 3, (128,))
+    spec = mc.infer_spec(a, x[:4])
+    attn = sorted(spec.heads)
+    assert len(attn) == 2 and not any(spec.sites.get(g) for g in attn)
+    planted = mc.random_permutation(spec, seed=3)
+    b = with_state(a, mc.apply_permutation(spec, planted, a.state_dict()))
+    perm = activation_matching(a, b, (x, y), spec=spec)
+    assert sorted(perm.info["weight_groups"]) == attn
+    assert set(perm.info["mean_corr_after"]) == set(spec.groups) - set(attn)
+    for g in spec.groups:
+        assert torch.equal(perm[g], torch.argsort(planted[g])), g
+    mc.check_permutation(spec, perm)
+
+
+def test_non_finite_activations_are_a_clear_error():
+    a = mc.models.create("mlp", input_shape=(40,), width=8, seed=0)
+    b = mc.models.create("mlp", input_shape=(40,), width=8, seed=1)
+    x, y = torch.randn(32, 40), torch.zeros(32, dtype=torch.long)
+    x[3, 5] = float("inf")
+    with pytest.raises(mc.DataError, match="not finite"):
+        activation_matching(a, b, (x, y), spec=mc.infer_spec(a, x[:2].nan_to_num()))

@@ -638,26 +638,9 @@ def test_capture_sites_returns_the_site_tensors_for_any_batch_size_and_state():
     assert torch.allclose(got, ref[..., perm["blocks.0.mlp.fc1"]], atol=1e-5)
 
 
-def run_cli(monkeypatch, capsys, *args):
-    import sys
-
-    from modeconn.cli.main import main
-
-    monkeypatch.setattr(sys, "argv", ["modeconn", *map(str, args)])
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def test_cli_spec_prints_groups_and_writes_json(monkeypatch, capsys, tmp_path):
+def test_cli_spec_prints_groups_and_writes_json(run_cli, tmp_path):
     out_json = tmp_path / "spec.json"
     code, out, _ = run_cli(
-        monkeypatch,
-        capsys,
         "spec",
         "resnet",
         "--zoo",
@@ -669,5 +652,386 @@ def test_cli_spec_prints_groups_and_writes_json(monkeypatch, capsys, tmp_path):
     assert code == 0 and "layers.1.stream" in out
     spec = mc.PermutationSpec.from_json(out_json.read_text())
     assert len(spec.groups) == 6
-    code, _, err = run_cli(monkeypatch, capsys, "spec", tmp_path / "missing.safetensors")
+    code, _, err = run_cli("spec", tmp_path / "missing.safetensors")
     assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+# --------------------------------------------------------------------------------------------
+# more models written the way users write them (review: each one a way to break the analysis)
+# --------------------------------------------------------------------------------------------
+class _Net(nn.Module):
+    """A model given by its layers and a forward function (keeps the cases below short)."""
+
+    def __init__(self, fwd, **layers):
+        super().__init__()
+        self.fwd = fwd
+        for k, v in layers.items():
+            setattr(self, k, v)
+
+    def forward(self, x):
+        return self.fwd(self, x)
+
+
+def _std_positional(m, x):  # std(x, dim, unbiased): the 3rd positional argument is not keepdim
+    s = F.relu(m.a(x)).std(2, True)  # (B, C, L) -> (B, C)
+    return m.b(s) * s.std(1, True)[:, None]
+
+
+def _chunk_gate(m, x):  # chunk / split along the channel axis, GLU-style gating
+    u, v = m.a(x).chunk(2, dim=1)
+    p, q = torch.split(m.c(x), [2, 4], dim=-1)
+    return m.b(u * torch.sigmoid(v)) + m.d(q) + p.sum(1, keepdim=True)
+
+
+def _transposed_linear(m, x):  # conv features transposed to tokens, a Linear over channels
+    h = F.relu(m.a(x)).transpose(1, 2)  # (B, L, C)
+    h = F.relu(m.b(h))
+    h = m.t(h.permute(0, 2, 1)).permute(0, 2, 1)  # token mixing over L (the input's length)
+    return m.o(h).mean(1)
+
+
+def _squeeze_excite(m, x):
+    h = F.relu(m.conv(x))
+    B, C, _, _ = h.shape
+    w = torch.sigmoid(m.f2(F.relu(m.f1(h.mean((2, 3)))))).view(B, C, 1, 1)
+    return m.head((h * w).flatten(2).mean(-1))
+
+
+def _broadcast_adds(m, x):  # parameters added with broadcasting, a mean over the channel axis
+    h = m.a(x) + m.g  # (B, C) + (C,)
+    h = h + m.c + h.mean(dim=1, keepdim=True)  # (1, C); a reduction over the channels
+    return m.b(F.relu(h))
+
+
+def _broadcast_over_length(m, x):  # (B, C=4, L=4) + (4,): broadcasts over L, not C
+    return m.b((m.a(x) + m.p).mean(-1))
+
+
+def _tied_chain(m, x):  # one weight used by two layers
+    h = F.relu(m.i(x))
+    return m.o(F.relu(m.b(F.relu(m.a(h)))))
+
+
+def _tied_transpose(m, x):  # autoencoder: the decoder uses the encoder's weight transposed
+    h = F.relu(m.i(x))
+    return m.o(F.linear(F.relu(m.e(h)), m.e.weight.t()))
+
+
+def _shared_module(m, x):  # one module applied twice
+    h = F.relu(m.i(x))
+    return m.o(F.relu(m.m(F.relu(m.m(h)))))
+
+
+def _functional_prelu(m, x):
+    return m.b(F.prelu(m.a(x), m.w))
+
+
+def _repeat(m, x):  # tiled copies of the hidden units
+    return m.b(m.a(x).repeat(1, 2))
+
+
+def _mha(m, x):
+    h = m.i(x)
+    k = F.relu(m.j(x))
+    a, _ = m.att(h, k, k)
+    return m.o(h + a)
+
+
+def _make_attention(kind):
+    d, H = 12, 3
+    hd = d // H
+    kv = hd if kind == "mqa" else d
+
+    def fwd(m, x):
+        h = m.inp(x)
+        B, T, C = h.shape
+        q = m.q(h).view(B, T, H, hd).transpose(1, 2)
+        k = m.k(h).view(B, T, -1, hd).transpose(1, 2)  # one k/v head for all (multi-query)
+        v = m.v(h).view(B, T, -1, hd).transpose(1, 2)
+        if kind == "rope":  # rotary q/k: the head dims are paired by position
+            ang = torch.arange(T).float()[:, None] * torch.arange(hd // 2).float()[None]
+            cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+
+            def rot(t):
+                return torch.cat([-t[..., hd // 2 :], t[..., : hd // 2]], -1)
+
+            q, k = q * cos + rot(q) * sin, k * cos + rot(k) * sin
+        att = q @ k.transpose(-1, -2)
+        if kind == "relbias":  # a learned bias per head (T5, Swin)
+            att = att + m.rel[None, :, :T, :T]
+        y = (att.softmax(-1) @ v).transpose(1, 2).reshape(B, T, C)
+        return m.head((h + m.o(y)).mean(1))
+
+    return _Net(
+        fwd,
+        inp=nn.Linear(5, d),
+        q=nn.Linear(d, d),
+        k=nn.Linear(d, kv),
+        v=nn.Linear(d, kv),
+        o=nn.Linear(d, d),
+        head=nn.Linear(d, 2),
+        rel=nn.Parameter(torch.randn(H, 6, 6)),
+    )
+
+
+def _tied(a, b):
+    b.weight = a.weight
+    return b
+
+
+USER_CASES = {
+    # name: (model factory, input shape, expected groups {name: size} or None (just sound))
+    "std_positional_unbiased": (
+        lambda: _Net(_std_positional, a=nn.Conv1d(2, 6, 3, padding=1), b=nn.Linear(6, 3)),
+        (5, 2, 7),
+        {"a": 6},
+    ),
+    "chunk_split_channels": (
+        lambda: _Net(
+            _chunk_gate, a=nn.Linear(4, 12), b=nn.Linear(6, 3), c=nn.Linear(4, 6), d=nn.Linear(4, 3)
+        ),
+        (5, 4),
+        None,
+    ),
+    "transpose_then_linear": (
+        lambda: _Net(
+            _transposed_linear,
+            a=nn.Conv1d(3, 6, 3, padding=1),
+            b=nn.Linear(6, 5),
+            t=nn.Linear(7, 7),
+            o=nn.Linear(5, 2),
+        ),
+        (4, 3, 7),
+        {"a": 6, "b": 5, "t": 7},
+    ),
+    "glu_module": (
+        lambda: nn.Sequential(nn.Linear(4, 12), nn.GLU(), nn.Linear(6, 3)),
+        (5, 4),
+        None,
+    ),
+    "glu_conv": (
+        lambda: nn.Sequential(nn.Conv1d(2, 12, 3), nn.GLU(dim=1), nn.Conv1d(6, 3, 1)),
+        (5, 2, 8),
+        None,
+    ),
+    "prelu_per_channel": (
+        lambda: nn.Sequential(nn.Conv2d(2, 6, 3), nn.PReLU(6), nn.Conv2d(6, 3, 1)),
+        (5, 2, 6, 6),
+        {"0": 6},
+    ),
+    "prelu_functional": (
+        lambda: _Net(
+            _functional_prelu, a=nn.Linear(4, 6), w=nn.Parameter(torch.rand(6)), b=nn.Linear(6, 3)
+        ),
+        (5, 4),
+        {"a": 6},
+    ),
+    "grouped_conv": (
+        lambda: nn.Sequential(
+            nn.Conv2d(2, 8, 3),
+            nn.ReLU(),
+            nn.Conv2d(8, 12, 3, groups=2),
+            nn.ReLU(),
+            nn.Conv2d(12, 12, 1, groups=4),
+            nn.ReLU(),
+            nn.Conv2d(12, 3, 1),
+        ),
+        (3, 2, 8, 8),
+        None,
+    ),
+    "depthwise_conv": (
+        lambda: nn.Sequential(
+            nn.Conv2d(2, 8, 3),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.Conv2d(8, 16, 3, groups=8),
+            nn.ReLU(),
+            nn.Conv2d(16, 3, 1),
+        ),
+        (3, 2, 8, 8),
+        None,
+    ),
+    "bn_without_running_stats": (
+        lambda: nn.Sequential(
+            nn.Linear(4, 6),
+            nn.BatchNorm1d(6, track_running_stats=False),
+            nn.ReLU(),
+            nn.Linear(6, 3),
+        ),
+        (5, 4),
+        {"0": 6},
+    ),
+    "bn_without_affine": (
+        lambda: nn.Sequential(
+            nn.Conv2d(2, 6, 3),
+            nn.BatchNorm2d(6, affine=False),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(6 * 16, 3),
+        ),
+        (5, 2, 6, 6),
+        {"0": 6},
+    ),
+    "embedding_padding_idx": (
+        lambda: nn.Sequential(
+            nn.Embedding(10, 6, padding_idx=0), nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)
+        ),
+        "tokens",
+        {"0": 6, "1": 8},
+    ),
+    "weight_tied_chain": (
+        lambda: _Net(
+            _tied_chain,
+            i=nn.Linear(3, 6),
+            a=(a := nn.Linear(6, 6)),
+            b=_tied(a, nn.Linear(6, 6)),
+            o=nn.Linear(6, 2),
+        ),
+        (5, 3),
+        {"i": 6},
+    ),
+    "weight_tied_transpose": (
+        lambda: _Net(_tied_transpose, i=nn.Linear(3, 6), e=nn.Linear(6, 8), o=nn.Linear(6, 2)),
+        (5, 3),
+        {"i": 6, "e": 8},
+    ),
+    "shared_module": (
+        lambda: _Net(_shared_module, i=nn.Linear(3, 6), m=nn.Linear(6, 6), o=nn.Linear(6, 2)),
+        (5, 3),
+        {"i": 6},
+    ),
+    "squeeze_excitation": (
+        lambda: _Net(
+            _squeeze_excite,
+            conv=nn.Conv2d(3, 8, 3, padding=1),
+            f1=nn.Linear(8, 4),
+            f2=nn.Linear(4, 8),
+            head=nn.Linear(8, 2),
+        ),
+        (3, 3, 6, 6),
+        {"conv": 8, "f1": 4},
+    ),
+    "broadcast_residual_adds": (
+        lambda: _Net(
+            _broadcast_adds,
+            a=nn.Linear(4, 6),
+            g=nn.Parameter(torch.randn(6)),
+            c=nn.Parameter(torch.randn(1, 6)),
+            b=nn.Linear(6, 3),
+        ),
+        (5, 4),
+        {"a": 6},
+    ),
+    "broadcast_over_length_not_channels": (
+        lambda: _Net(
+            _broadcast_over_length,
+            a=nn.Conv1d(3, 4, 1),
+            p=nn.Parameter(torch.randn(4)),
+            b=nn.Linear(4, 2),
+        ),
+        (5, 3, 4),
+        {"a": 4},
+    ),
+    "repeat_tiles": (
+        lambda: _Net(_repeat, a=nn.Linear(4, 6), b=nn.Linear(12, 3)),
+        (5, 4),
+        {"a": 6},
+    ),
+    "mha_kdim_bias_kv": (
+        lambda: _Net(
+            _mha,
+            i=nn.Linear(3, 8),
+            j=nn.Linear(3, 6),
+            att=nn.MultiheadAttention(8, 2, kdim=6, vdim=6, batch_first=True, add_bias_kv=True),
+            o=nn.Linear(8, 2),
+        ),
+        (2, 5, 3),
+        {"stream": 8, "j": 6, "att": 16},
+    ),
+    "attention_rotary": (lambda: _make_attention("rope"), (2, 6, 5), {"stream": 12, "q": 3}),
+    "attention_relative_bias": (
+        lambda: _make_attention("relbias"),
+        (2, 6, 5),
+        {"stream": 12, "q": 3},
+    ),
+    "attention_multi_query": (lambda: _make_attention("mqa"), (2, 6, 5), {"stream": 12, "q": 3}),
+}
+
+
+@pytest.mark.parametrize("case", list(USER_CASES))
+def test_user_written_models_keep_their_function(case):
+    """Each spec is exact (eval and train mode) without the verification step; where the
+    symmetry is only partly known (grouped convs, rotary dims) it is smaller, never wrong."""
+    factory, shape, expected = USER_CASES[case]
+    torch.manual_seed(0)
+    model = randomize(factory())
+    x = torch.randint(0, 10, (4, 5)) if shape == "tokens" else torch.randn(*shape)
+    spec = infer(model, x)
+    print(case, spec.groups, spec.heads)
+    if expected is not None:
+        assert spec.groups == expected
+    assert_symmetry(model, x, spec, seeds=(0, 1, 2))
+
+
+def test_rotary_attention_keeps_one_head_permutation_for_qk_and_v():
+    """Rotary q/k dims are pinned; the heads of q/k and of v must still move together (one group),
+    not as a plain q/k head group plus an independent v heads group."""
+    model = randomize(_make_attention("rope"))
+    spec = infer(model, torch.randn(2, 6, 5))
+    assert not spec.heads
+    (g,) = [g for g in spec.groups if g != "stream"]
+    params = {s.param for s in spec.slots[g]}
+    assert {"q.weight", "k.weight", "v.weight", "o.weight"} <= params
+
+
+def test_grouped_transposed_conv_is_pinned_with_its_weight():
+    model = randomize(
+        nn.Sequential(
+            nn.Conv2d(1, 4, 3, padding=1),
+            nn.ReLU(),
+            nn.ConvTranspose2d(4, 6, 2, stride=2, groups=2),
+            nn.ReLU(),
+            nn.Conv2d(6, 1, 1),
+        )
+    )
+    x = torch.randn(2, 1, 4, 4)
+    with pytest.warns(UserWarning, match="grouped transposed convolution"):
+        spec = mc.infer_spec(model, x, verify=False)
+    assert not any(p.startswith("2.") for p in spec.params())  # its weight alone: never permuted
+
+
+def test_a_model_that_fails_on_its_example_inputs_gets_a_clear_error():
+    model = nn.Sequential(nn.Linear(4, 12), nn.ReLU(), nn.Linear(4, 3))  # 12 != 4
+    with pytest.raises(SpecError, match=r"fails on the example inputs in module '2' \(Linear\)"):
+        mc.infer_spec(model, torch.randn(3, 4))
+
+
+def test_untraceable_model_error_says_how_to_pass_a_spec():
+    class Bad(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.a(torch.from_numpy(x.numpy() * 2))
+
+    with pytest.raises(SpecError, match="spec=") as e:
+        mc.infer_spec(Bad(), torch.randn(2, 3))
+    assert "PermutationSpec.from_axes" in str(e.value)
+
+
+def test_parametrized_weights_are_pinned_with_a_warning():
+    """weight_norm computes a Linear's weight from other tensors: its axes cannot be permuted
+    through the computed weight, so they are pinned, and the user is told why."""
+    model = randomize(
+        nn.Sequential(
+            nn.Linear(3, 6),
+            nn.ReLU(),
+            nn.utils.parametrizations.weight_norm(nn.Linear(6, 6)),
+            nn.ReLU(),
+            nn.Linear(6, 2),
+        )
+    )
+    with pytest.warns(UserWarning, match=r"module '2' .*weight is computed"):
+        spec = mc.infer_spec(model, torch.randn(4, 3), verify=False)
+    assert spec.groups == {}

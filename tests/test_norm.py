@@ -264,3 +264,54 @@ def test_repair_lowers_the_aligned_midpoint_loss(trained, mnist1d_splits):
     after = evaluate(fixed, mnist1d_splits.test).loss
     # measured: test loss 1.262 -> 1.207 (endpoints 1.171 / 1.159); naive midpoint 2.56 -> 1.68
     assert after < before - 0.02
+
+
+def test_repair_in_a_net_mixing_batchnorm_and_plain_layers_reaches_every_goal():
+    """A corrected layer upstream of a BatchNorm moves that BN's inputs: its statistics must be
+    reset before a later layer is measured, or that layer misses its goal after the final reset."""
+
+    def make(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        return nn.Sequential(
+            nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 8), nn.BatchNorm1d(8), nn.ReLU(),
+            nn.Dropout(0.3), nn.Linear(8, 7), nn.ReLU(), nn.Linear(7, 3),
+        )
+
+    x = torch.randn(300, 5) * 2
+    data = (x, torch.zeros(300, dtype=torch.long))
+    a, b = reset_bn(make(0), data), reset_bn(make(1), data)
+    merged = midpoint(a, b)
+    merged.train()
+    before = snapshot(merged)
+    fixed = repair(a, b, merged, data, eps=0.0)
+    assert_untouched(merged, before, training=True)
+    assert fixed.modeconn_repaired == ["0", "6"]  # "2" feeds the BN, "8" gives the logits
+    for name in fixed.modeconn_repaired:
+        mu_a, sd_a = unit_stats(a, name, x)
+        mu_b, sd_b = unit_stats(b, name, x)
+        mu, sd = unit_stats(fixed, name, x)
+        torch.testing.assert_close(mu, (mu_a + mu_b) / 2, atol=1e-4, rtol=1e-3)
+        torch.testing.assert_close(sd, (sd_a + sd_b) / 2, atol=1e-4, rtol=1e-3)
+    # and the BN statistics of the result are exact for its own (corrected) weights
+    expected = reset_bn(fixed, data)
+    torch.testing.assert_close(fixed[3].running_mean, expected[3].running_mean)
+    torch.testing.assert_close(fixed[3].running_var, expected[3].running_var)
+
+
+def test_repair_refuses_nan_weights():
+    a, b = conv_net(0), conv_net(1)
+    with torch.no_grad():
+        b[0].weight[0, 0, 0, 0] = float("nan")
+    data = (torch.randn(16, 2, 6, 6), torch.zeros(16, dtype=torch.long))
+    with pytest.raises(mc.IncompatibleModelsError, match="model B has NaN"):
+        repair(a, b, a, data)
+
+
+def test_reset_bn_leaves_a_batchnorm_the_forward_never_runs():
+    torch.manual_seed(0)
+    net = TwoBN()
+    net.unused = nn.BatchNorm1d(3)  # registered, never called
+    x = torch.randn(64, 5)
+    fresh = reset_bn(net, (x, torch.zeros(64, dtype=torch.long)))
+    assert torch.equal(fresh.unused.running_mean, net.unused.running_mean)
+    assert not torch.equal(fresh.bn1.running_mean, net.bn1.running_mean)

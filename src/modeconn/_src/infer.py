@@ -41,7 +41,17 @@ from torch import Tensor, fx, nn
 
 from .errors import SpecError
 from .spec import Heads, PermutationSpec, Site, Slot, apply_permutation, random_permutation
-from .trace import Trace, cached_graph, call_args, trace_model, traced_root
+from .trace import (
+    ELEMENTWISE_MODULES,
+    NORM_LAST_MODULES,
+    PAD_MODULES,
+    POOL_MODULES,
+    Trace,
+    cached_graph,
+    call_args,
+    trace_model,
+    traced_root,
+)
 
 __all__ = ["infer_spec", "capture_sites"]
 
@@ -219,56 +229,6 @@ _NON_TENSOR_OK = _words(
     size storage_offset stride
     """
 )
-_ACTIVATION_MODULES = (
-    nn.ReLU,
-    nn.ReLU6,
-    nn.LeakyReLU,
-    nn.RReLU,
-    nn.ELU,
-    nn.SELU,
-    nn.CELU,
-    nn.GELU,
-    nn.SiLU,
-    nn.Mish,
-    nn.Sigmoid,
-    nn.Tanh,
-    nn.Hardtanh,
-    nn.Hardsigmoid,
-    nn.Hardswish,
-    nn.Hardshrink,
-    nn.Softshrink,
-    nn.Softplus,
-    nn.Softsign,
-    nn.Tanhshrink,
-    nn.Threshold,
-    nn.LogSigmoid,
-    nn.Identity,
-    nn.Dropout,
-    nn.Dropout1d,
-    nn.Dropout2d,
-    nn.Dropout3d,
-    nn.AlphaDropout,
-    nn.FeatureAlphaDropout,
-    nn.Softmax,
-    nn.LogSoftmax,
-    nn.Softmin,
-    nn.Softmax2d,
-)
-_POOL_MODULES = (
-    nn.modules.pooling._MaxPoolNd,
-    nn.modules.pooling._AvgPoolNd,
-    nn.modules.pooling._AdaptiveAvgPoolNd,
-    nn.modules.pooling._AdaptiveMaxPoolNd,
-    nn.modules.pooling._LPPoolNd,
-)
-_PAD_MODULES = (
-    nn.modules.padding._ConstantPadNd,
-    nn.modules.padding._ReflectionPadNd,
-    nn.modules.padding._ReplicationPadNd,
-)
-_NORM_LAST = (nn.LayerNorm,) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
-
-
 def _name_of(target: Any) -> str:
     if isinstance(target, str):
         return target
@@ -478,11 +438,16 @@ class _Analysis:
         if path in self.tr.opaque:
             return self._opaque_module(node, m, label, "cannot be traced")
         x = self.arg_desc(node.args[0]) if node.args else None
+        for pname in ("weight", "bias"):
+            t = getattr(m, pname, None)  # weight_norm / spectral_norm compute it from others
+            if isinstance(t, Tensor) and id(t) not in self.param_keys and _is_t(x):
+                why = f"its {pname} is computed (weight_norm?), not a tensor of the state dict"
+                self.pending.append((f"module {label!r} ({type(m).__name__})", why, list(x)))
         if isinstance(m, nn.MultiheadAttention):
             return self.mha(node, m, label)
         if not _is_t(x) or not isinstance(out_val, Tensor):
             return self._opaque_module(node, m, label, "unexpected inputs/outputs")
-        if isinstance(m, _ACTIVATION_MODULES):
+        if isinstance(m, ELEMENTWISE_MODULES):
             return x
         if isinstance(m, nn.PReLU):
             if m.weight.numel() > 1:
@@ -507,7 +472,7 @@ class _Analysis:
                 if t is not None:
                     self.tie(c, self.pvars(t)[0])
             return x
-        if isinstance(m, _NORM_LAST):
+        if isinstance(m, NORM_LAST_MODULES):
             k = len(m.normalized_shape)
             for t in (m.weight, getattr(m, "bias", None)):
                 if t is not None:
@@ -521,7 +486,7 @@ class _Analysis:
             return self.embedding(x, m.weight, label)
         if isinstance(m, nn.GLU):
             return self.glu(x, m.dim, out_val)
-        if isinstance(m, _POOL_MODULES):
+        if isinstance(m, POOL_MODULES):
             k = int("".join(ch for ch in type(m).__name__ if ch.isdigit()) or 1)
             if getattr(m, "return_indices", False):
                 return self._opaque_module(node, m, label, "returns indices")
@@ -529,7 +494,7 @@ class _Analysis:
         if isinstance(m, nn.Upsample):
             k = len(x) - 2
             return self.spatial(x, k, out_val.shape)
-        if isinstance(m, (*_PAD_MODULES, nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d)):
+        if isinstance(m, PAD_MODULES):
             return self.spatial(x, len(m.padding) // 2, out_val.shape)
         if isinstance(m, nn.Flatten | nn.Unflatten):
             return self.reshape(x, out_val.shape, node)
@@ -580,12 +545,15 @@ class _Analysis:
         for v in W[2:]:  # kernel positions
             self.V.pin(v)
         ch = len(x) - k - 1
-        if ch not in (0, 1):
-            return self.unknown(node, f"conv {node.name!r}", "unexpected input rank")
+        if ch not in (0, 1) or (transposed and groups != 1):
+            # the weight (a module's, not an argument of the node) is pinned with the op
+            self.pin_all(W)
+            if isinstance(b, Tensor):
+                self.pin_all(self.pvars(b))
+            why = "unexpected input rank" if ch not in (0, 1) else "grouped transposed convolution"
+            return self.unknown(node, f"conv {node.name!r}", why)
         cin = x[ch]
         if transposed:
-            if groups != 1:
-                return self.unknown(node, f"conv {node.name!r}", "grouped transposed convolution")
             self.tie(cin, W[0])
             out = W[1]
         elif groups == 1:
@@ -976,6 +944,13 @@ class _Analysis:
                 if _is_t(dt) and len(dt) == 1:
                     self.tie(c, dt[0])
             return x
+        if target in (F.prelu, torch.prelu) and _is_t(x):
+            w = self.arg_desc(args[1] if len(args) > 1 else node.kwargs.get("weight"))
+            if not _is_t(w) or len(w) != 1:
+                return self.unknown(node, name)
+            if self.V.size[w[0]] > 1:  # one slope per channel (axis 1, or 0 when unbatched)
+                self.tie(x[1 if len(x) > 1 else 0], w[0])
+            return x
         if target is F.glu:
             dim = self.value(args[1] if len(args) > 1 else node.kwargs.get("dim", -1))
             return self.glu(x, dim, out_val)
@@ -1047,8 +1022,9 @@ class _Analysis:
                     out.append(self.V.new(s))
                 elif self.V.size[x[j]] == s:
                     out.append(x[j])
-                else:  # tiled copies: outer copy index ⊗ the original axis
-                    out.append(self.V.structure("prod", [self.V.new(s // self.V.size[x[j]]), x[j]]))
+                else:  # tiled copies: (pinned) copy index ⊗ the original axis
+                    tile = self.V.new(s // self.V.size[x[j]], pinned=True)
+                    out.append(self.V.structure("prod", [tile, x[j]]))
             return tuple(out)
         if name in _UNARY and _is_t(x) and isinstance(out_val, Tensor):
             if out_val.shape != tuple(self.V.size[v] for v in x):
@@ -1205,7 +1181,24 @@ class _Analysis:
             if isinstance(out_val, Tensor) and out_val.dim() == 0:
                 return ()
             return self.unknown(node, name)
-        dims = {d % len(x) for d in (dim if isinstance(dim, list | tuple) else [dim])}
+        try:
+            dims = {d % len(x) for d in (dim if isinstance(dim, list | tuple) else [dim])}
+        except TypeError:  # named dimensions or another unexpected argument
+            return self.unknown(node, name, "unexpected dim argument")
+        # keepdim from the result's rank: positional arguments differ between reductions
+        # (std(x, dim, unbiased, keepdim), norm(x, p, dim, keepdim), ...)
+        first = out_val[0] if isinstance(out_val, tuple) and out_val else out_val
+        sizes = [self.V.size[v] for v in x]
+        drop = [n for i, n in enumerate(sizes) if i not in dims]
+        ones = [1 if i in dims else n for i, n in enumerate(sizes)]
+        if not isinstance(first, Tensor) or not dims:
+            return self.unknown(node, name)
+        if list(first.shape) == ones:
+            keep = True
+        elif list(first.shape) == drop:
+            keep = False
+        else:
+            return self.unknown(node, name, "unexpected result shape")
         if name in ("max", "min"):  # (values, indices): indices give positions away
             for d in dims:
                 self.V.pin(x[d])
@@ -1317,14 +1310,21 @@ class _Analysis:
 
     # --- attention groups --------------------------------------------------------------------
     def resolve_heads(self) -> None:
+        """Keep a product ``h ⊗ d`` of free classes as an attention group only where that is sound.
+
+        Heads groups let the inner class ``d`` be permuted differently inside each head, so ``h``
+        and ``d`` must occur nowhere else: ``h`` is the outer factor of products whose inners are
+        all free (a product ``h ⊗ pinned``, e.g. rotary q/k dims next to free v dims, would give
+        ``h`` a second, independent group), it is no parameter axis, summand or inner factor;
+        every ``d`` is the inner factor of products with outer ``h`` only, and head-local. Where
+        this fails, the inners are pinned and ``h`` stays one plain group (whole heads move).
+        """
         V = self.V
         while True:
             V.close()
-            prods: dict[int, list[int]] = {}  # outer class -> product classes (both parts free)
-            inner_of: dict[int, set[int]] = {}
+            as_outer: dict[int, list[tuple[int, int]]] = {}  # class -> [(product, inner)]
+            as_inner: dict[int, set[int]] = {}  # class -> outer classes of its products
             in_sum: set[int] = set()
-            prod_child: set[int] = set()
-            bad_outer: set[int] = set()
             for r, (kind, ch) in list(V.defn.items()):
                 if V.find(r) != r or V.pinned[r]:
                     continue
@@ -1332,28 +1332,29 @@ class _Analysis:
                     in_sum.update(V.find(c) for c in ch)
                     continue
                 a, b = V.find(ch[0]), V.find(ch[1])
-                prod_child.update((a, b))
-                if V.pinned[a] or V.pinned[b]:
-                    continue
-                prods.setdefault(a, []).append(r)
-                inner_of.setdefault(b, set()).add(a)
-                if a in V.defn or b in V.defn:
-                    bad_outer.add(a)
+                as_outer.setdefault(a, []).append((r, b))
+                as_inner.setdefault(b, set()).add(a)
             param_classes = {V.find(v) for d in self.param_vars.values() for v in d}
             changed = False
-            for a, ps in prods.items():
-                ok = a not in bad_outer and a not in param_classes and a not in in_sum
-                inners = [V.find(V.defn[p][1][1]) for p in ps]
-                for b in inners:
-                    if not ok:
-                        break
-                    if (
-                        len(inner_of.get(b, ())) != 1
-                        or b in in_sum
-                        or b in prods
-                        or b in param_classes
-                    ):
-                        ok = False
+            for a, ps in as_outer.items():
+                if V.pinned[a]:
+                    continue
+                inners = [b for _, b in ps]
+                ok = (
+                    a not in V.defn
+                    and a not in param_classes
+                    and a not in in_sum
+                    and a not in as_inner
+                    and all(
+                        not V.pinned[b]
+                        and b not in V.defn
+                        and b not in in_sum
+                        and b not in as_outer
+                        and b not in param_classes
+                        and as_inner[b] == {a}
+                        for b in inners
+                    )
+                )
                 if ok:
                     ok = self.head_local(a, set(inners))
                 if not ok:
@@ -1744,8 +1745,9 @@ def infer_spec(
         activation matching measures its units.
 
     Raises:
-        SpecError: the model cannot be traced at all; the message says where, and how to write
-            the spec by hand (``PermutationSpec.from_axes``).
+        SpecError: the model fails on ``example_inputs`` (the message names the module), or it
+            cannot be traced at all; the message says where, and how to write the spec by hand
+            (``PermutationSpec.from_axes``) and pass it on (``spec=``).
 
     Example:
         >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))

@@ -14,7 +14,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .errors import ConfigError, DataError
 from .evaluation import DataLike, as_loader, model_device, resolve_device, with_state
 from .progress import progress_bar
-from .state import check_compatible
+from .state import check_compatible, check_finite
 
 State = dict[str, Tensor]
 
@@ -171,7 +171,9 @@ def reset_bn(
     with torch.no_grad():
         for name, bn in bns:
             m = moments[name]
-            assert bn.running_mean is not None and bn.running_var is not None and m.mean is not None
+            if m.mean is None:  # not run by the forward pass (an unused branch): left as it is
+                continue
+            assert bn.running_mean is not None and bn.running_var is not None
             bn.running_mean.copy_(m.mean.to(bn.running_mean.dtype))
             bn.running_var.copy_(m.var(unbiased=True).to(bn.running_var.dtype))
             if bn.num_batches_tracked is not None:
@@ -343,7 +345,9 @@ def repair(
         W' = W * s[:, None, ...],    b' = (b - mu_M) * s + mu_goal.
 
     Skipped layers: those whose output feeds a BatchNorm (:func:`reset_bn` renormalises them: for a
-    BN network REPAIR is a BN reset, which this function also does first and last), those producing
+    BN network REPAIR is a BN reset, which this function also does first, and again after each
+    correction that moved the inputs of BatchNorm layers, so every layer is measured, and the
+    result evaluated, with exact statistics), those producing
     the network's output (logits), and those called more than once per forward pass. A layer
     without bias only gets the rescaling (its mean then follows ``s * mu_M``). Attention
     projections (q, k, v, out) are corrected like any Linear; pass ``layers=`` to restrict.
@@ -376,10 +380,11 @@ def repair(
     """
     if not 0.0 <= float(alpha) <= 1.0:
         raise ConfigError(f"alpha must be in [0, 1], got {alpha}")
-    check_compatible(
-        [model_a.state_dict(), model_b.state_dict(), model_merged.state_dict()],
-        ["model A", "model B", "merged model"],
-    )
+    names = ["model A", "model B", "merged model"]
+    states = [model_a.state_dict(), model_b.state_dict(), model_merged.state_dict()]
+    check_compatible(states, names)
+    for state, name in zip(states, names, strict=True):
+        check_finite(state, name)
     dev = resolve_device(device) if device is not None else model_device(model_merged)
     a = copy.deepcopy(model_a).to(dev).eval()
     b = copy.deepcopy(model_b).to(dev).eval()
@@ -410,8 +415,14 @@ def repair(
     mom_a = _layer_moments(a, eligible, data, dev, max_batches, batch_size)
     mom_b = _layer_moments(b, eligible, data, dev, max_batches, batch_size)
     mods = dict(merged.named_modules())
+    has_bn, stale = needs_bn_reset(merged), False
     with progress_bar(progress, total=len(eligible), description="REPAIR (layers)") as advance:
         for name in eligible:
+            if stale:  # an earlier correction moved the inputs of BatchNorm layers: reset them
+                merged = reset_bn(
+                    merged, data, max_batches=max_batches, device=dev, batch_size=batch_size
+                )
+                mods, stale = dict(merged.named_modules()), False
             m = _layer_moments(merged, [name], data, dev, max_batches, batch_size, name)[name]
             ma, mb = mom_a[name], mom_b[name]
             assert m.mean is not None and ma.mean is not None and mb.mean is not None
@@ -426,8 +437,9 @@ def repair(
                 if layer.bias is not None:
                     bias = layer.bias
                     bias.copy_(((bias.double() - m.mean) * scale + mu_goal).to(bias.dtype))
+            stale = has_bn
             advance(name)
-    if needs_bn_reset(merged):
+    if stale:
         merged = reset_bn(merged, data, max_batches=max_batches, device=dev, batch_size=batch_size)
     merged.modeconn_repaired = list(eligible)  # type: ignore[assignment]
     return merged

@@ -321,8 +321,33 @@ def identity_permutation(spec: PermutationSpec) -> Permutation:
     return Permutation({g: torch.arange(n) for g, n in spec.groups.items()})
 
 
+def unit_classes(spec: PermutationSpec, group: str) -> Tensor | None:
+    """Which units of ``group`` a valid permutation may exchange: one label per unit.
+
+    A slot carrying only units ``[unit_start, unit_start + length)`` (a slice of a concatenated or
+    fused tensor) keeps its units in that range, so two units may swap only if every such slot
+    carries both or neither. ``None`` when all slots carry the whole group.
+
+    Example:
+        >>> spec = PermutationSpec({"h": 4}, {"h": (Slot("w", 0, length=2), Slot("v", 0))})
+        >>> unit_classes(spec, "h").tolist()
+        [1, 1, 0, 0]
+    """
+    size = spec.groups[group]
+    partial = [
+        s for s in spec.slots.get(group, ()) if s.unit_start != 0 or s.n_units(size) != size
+    ]
+    if not partial:
+        return None
+    sig = torch.zeros(size, len(partial), dtype=torch.long)
+    for k, s in enumerate(partial):
+        sig[s.unit_start : s.unit_start + s.n_units(size), k] = 1
+    return torch.unique(sig, dim=0, return_inverse=True)[1]
+
+
 def random_permutation(spec: PermutationSpec, seed: int = 0) -> Permutation:
-    """A uniformly random valid permutation (heads-structured where the spec says so).
+    """A uniformly random valid permutation (heads-structured where the spec says so; units
+    stay inside the ranges of slots that carry part of a group, see :func:`unit_classes`).
 
     Args:
         spec: the permutation spec.
@@ -339,10 +364,17 @@ def random_permutation(spec: PermutationSpec, seed: int = 0) -> Permutation:
     gen = torch.Generator().manual_seed(seed)
     out = Permutation()
     for g, n in spec.groups.items():
+        labels = None if g in spec.heads else unit_classes(spec, g)
         if g in spec.heads:
             out[g] = _random_heads(n, spec.heads[g], gen)
-        else:
+        elif labels is None:
             out[g] = torch.randperm(n, generator=gen)
+        else:
+            p = torch.arange(n)
+            for c in range(int(labels.max()) + 1):
+                idx = torch.nonzero(labels == c).flatten()
+                p[idx] = idx[torch.randperm(len(idx), generator=gen)]
+            out[g] = p
     return out
 
 
@@ -388,6 +420,12 @@ def check_permutation(spec: PermutationSpec, perm: Mapping[str, Tensor]) -> None
         p = perm[g]
         if p.shape != (n,) or not torch.equal(torch.sort(p.long()).values, torch.arange(n)):
             raise SpecError(f"permutation of group {g!r} is not a permutation of 0..{n - 1}")
+        labels = unit_classes(spec, g)
+        if labels is not None and not torch.equal(labels[p.long().cpu()], labels):
+            raise SpecError(
+                f"permutation of group {g!r} moves units out of the range of a slot that "
+                "carries part of the group"
+            )
         if g in spec.heads:
             h = spec.heads[g]
             head_perm = None

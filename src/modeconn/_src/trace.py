@@ -28,32 +28,13 @@ from torch import fx, nn
 
 from .errors import SpecError
 
-# Modules whose forward modeconn's analysis understands: kept as leaves, never traced into.
-KNOWN_LEAVES: tuple[type[nn.Module], ...] = (
-    nn.Linear,
-    nn.Bilinear,
-    nn.modules.conv._ConvNd,
-    nn.modules.batchnorm._BatchNorm,
-    nn.modules.instancenorm._InstanceNorm,
-    nn.LayerNorm,
-    nn.GroupNorm,
-    nn.LocalResponseNorm,
-    nn.Embedding,
-    nn.EmbeddingBag,
-    nn.MultiheadAttention,
-    nn.Flatten,
-    nn.Unflatten,
-    nn.Identity,
-    nn.Dropout,
-    nn.Dropout1d,
-    nn.Dropout2d,
-    nn.Dropout3d,
-    nn.AlphaDropout,
-    nn.FeatureAlphaDropout,
+# Modules whose forward modeconn's analysis understands, by the rule ``infer_spec`` applies to
+# them (the one list of them: the tracer keeps all of them as leaves, never tracing into them).
+# Element-wise, or equivariant to any reordering of every axis (softmax, dropout): output = input.
+ELEMENTWISE_MODULES: tuple[type[nn.Module], ...] = (
     nn.ReLU,
     nn.ReLU6,
     nn.LeakyReLU,
-    nn.PReLU,
     nn.RReLU,
     nn.ELU,
     nn.SELU,
@@ -73,27 +54,71 @@ KNOWN_LEAVES: tuple[type[nn.Module], ...] = (
     nn.Tanhshrink,
     nn.Threshold,
     nn.LogSigmoid,
-    nn.GLU,
+    nn.Identity,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.FeatureAlphaDropout,
     nn.Softmax,
     nn.LogSoftmax,
     nn.Softmin,
     nn.Softmax2d,
+)
+# Act on the trailing spatial axes only.
+POOL_MODULES: tuple[type[nn.Module], ...] = (
     nn.modules.pooling._MaxPoolNd,
     nn.modules.pooling._AvgPoolNd,
     nn.modules.pooling._AdaptiveAvgPoolNd,
     nn.modules.pooling._AdaptiveMaxPoolNd,
     nn.modules.pooling._LPPoolNd,
-    nn.Upsample,
+)
+PAD_MODULES: tuple[type[nn.Module], ...] = (  # ZeroPad*d are _ConstantPadNd
     nn.modules.padding._ConstantPadNd,
     nn.modules.padding._ReflectionPadNd,
     nn.modules.padding._ReplicationPadNd,
-    nn.ZeroPad1d,
-    nn.ZeroPad2d,
-    nn.ZeroPad3d,
-    nn.PixelShuffle,
-    nn.PixelUnshuffle,
-    nn.ChannelShuffle,
-) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+    nn.modules.padding._CircularPadNd,
+)
+# Normalise (and scale) the trailing ``normalized_shape`` axes.
+NORM_LAST_MODULES: tuple[type[nn.Module], ...] = (nn.LayerNorm,) + (
+    (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
+)
+KNOWN_LEAVES: tuple[type[nn.Module], ...] = (
+    (
+        nn.Linear,
+        nn.modules.conv._ConvNd,
+        nn.modules.batchnorm._BatchNorm,
+        nn.modules.instancenorm._InstanceNorm,
+        nn.GroupNorm,
+        nn.Embedding,
+        nn.MultiheadAttention,
+        nn.Flatten,
+        nn.Unflatten,
+        nn.PReLU,
+        nn.GLU,
+        nn.Upsample,
+        # kept whole, then pinned as ops of unknown symmetry (mix or reorder hidden units)
+        nn.Bilinear,
+        nn.LocalResponseNorm,
+        nn.EmbeddingBag,
+        nn.PixelShuffle,
+        nn.PixelUnshuffle,
+        nn.ChannelShuffle,
+    )
+    + ELEMENTWISE_MODULES
+    + POOL_MODULES
+    + PAD_MODULES
+    + NORM_LAST_MODULES
+)
+
+
+HAND_SPEC_HINT = (
+    "write the spec by hand, spec = mc.PermutationSpec.from_axes({group: size}, "
+    "{param: (group or None for each axis)}), and pass it as spec=... (mc.weight_matching takes "
+    "it first; modeconn align --spec spec.json), or keep the failing submodule whole with "
+    "infer_spec(..., leaf_modules=[...])"
+)
 
 
 @dataclass
@@ -371,7 +396,15 @@ def trace_model(
                 if not path:
                     raise SpecError(
                         f"cannot trace {type(model).__name__}: {type(e).__name__}: {e}. "
-                        "Pass a hand-written spec instead: PermutationSpec.from_axes(groups, axes)"
+                        "Check that example_inputs fit the model; otherwise " + HAND_SPEC_HINT
+                    ) from e
+                if path in paths or isinstance(root.get_submodule(path), tuple(types)):
+                    # a leaf ran on the example values and failed: tracing is not the problem
+                    raise SpecError(
+                        f"{type(model).__name__} fails on the example inputs in module "
+                        f"{path[len(prefix) :]!r} ({type(root.get_submodule(path)).__name__}): "
+                        f"{type(tracer.failed_error).__name__}: {tracer.failed_error}; "
+                        "check that example_inputs fit the model"
                     ) from e
                 import warnings
 
@@ -392,7 +425,7 @@ def trace_model(
                 for name in [n for n in root._buffers if n.startswith("_tensor_constant")]:
                     del root._buffers[name]
             return Trace(gm, tracer.values, opaque, root, prefix)
-        raise SpecError(f"cannot trace {type(model).__name__}; write the spec by hand")
+        raise SpecError(f"cannot trace {type(model).__name__}; " + HAND_SPEC_HINT)
     finally:
         for m, t in modes.items():
             m.training = t

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from ..adversarial import PGDConfig, pgd_attack
 from ..assign import solve_assignment
-from ..errors import ConfigError, SpecError
+from ..errors import ConfigError, DataError, SpecError
 from ..evaluation import DataLike, as_loader, model_device, resolve_device, with_state
 from ..progress import progress_bar
 from ..spec import (
@@ -185,6 +185,11 @@ def _correlations(
             sa, sb = st.stds()
             spread_a[lo : lo + c.shape[0]] += sa.cpu().double()
             spread_b[lo : lo + c.shape[1]] += sb.cpu().double()
+        if not torch.isfinite(corr).all():
+            raise DataError(
+                f"the activations of group {g!r} at {[s.node for s in spec.sites[g]]} are not "
+                "finite on the data (NaN or inf in the inputs, or a model that overflows on them)"
+            )
         out[g] = _GroupStats(corr, _constant(spread_a), _constant(spread_b))
     return out
 
@@ -263,8 +268,12 @@ def activation_matching(
     (a residual stream has several sites: their correlation matrices are summed, one
     permutation for the stream). Each group's permutation maximises ``sum_i corr_g[i, pi(i)]``
     (Hungarian; the seed code's ``linear_sum_assignment(1.01 - corr)``; heads-structured for
-    attention groups). Groups without a site (e.g. ones only weights can see) fall back to
-    weight matching (Ainsworth et al. 2023) with the matched groups held fixed. Units constant
+    attention groups). Groups without a site fall back to weight matching (Ainsworth et al.
+    2023) with the matched groups held fixed; they are listed in ``info["weight_groups"]``. This
+    is the case of ``nn.MultiheadAttention``: it computes q, k and v inside one module, so no
+    forward tensor carries its head dims and its attention group is weight-matched (heads-
+    structured; the residual stream around it is still activation-matched). Attention written
+    with separate or fused projection layers has sites and is activation-matched. Units constant
     over the data in both nets (dead ReLUs) correlate with nothing, so every pairing among them
     ties; those ties are broken by the weight-matching score (documented deviation from the seed
     code, which leaves them to the solver's arbitrary order).

@@ -165,6 +165,7 @@ def align(
     fn = get_aligner(method)
     check_compatible([model_a.state_dict(), model_b.state_dict()], ["model A", "model B"])
     spec = resolve_spec(model_a, spec, data=data, example_inputs=example_inputs)
+    spec.check(model_a.state_dict())  # a spec made for another model: a clear error first
     perm = fn(model_a, model_b, data, spec, **kwargs)
     aligned = with_state(model_b, apply_permutation(spec, perm, model_b.state_dict()))
     return (aligned, perm) if return_permutation else aligned

@@ -14,7 +14,7 @@ from ..assign import solve_assignment
 from ..errors import ConfigError, DataError
 from ..evaluation import DataLike, as_loader, model_device, resolve_device
 from ..progress import progress_bar
-from ..spec import Permutation, PermutationSpec, Slot, apply_permutation
+from ..spec import Permutation, PermutationSpec, Slot, apply_permutation, unit_classes
 from ..state import check_compatible, check_finite
 from .api import register_aligner, resolve_spec
 from .ste import fresh_buffers, midpoint_mode
@@ -104,16 +104,10 @@ def soft_apply(
 
 def _unit_mask(spec: PermutationSpec, g: str) -> Tensor | None:
     """Which units of group ``g`` may trade places: those carried by exactly the same slots."""
-    size = spec.groups[g]
-    partial = [
-        s for s in spec.slots.get(g, ()) if not (s.unit_start == 0 and s.n_units(size) == size)
-    ]
-    if not partial:
+    labels = unit_classes(spec, g)
+    if labels is None:
         return None
-    member = torch.zeros(size, len(partial), dtype=torch.bool)
-    for i, s in enumerate(partial):
-        member[s.unit_start : s.unit_start + s.n_units(size), i] = True
-    mask = (member[:, None, :] == member[None, :, :]).all(-1)
+    mask = labels[:, None] == labels[None, :]
     return None if bool(mask.all()) else mask
 
 

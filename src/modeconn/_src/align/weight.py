@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +18,7 @@ from ..spec import (
     check_permutation,
     identity_permutation,
     random_permutation,
+    unit_classes,
 )
 from ..state import check_compatible, check_finite
 from .api import register_aligner
@@ -33,17 +34,10 @@ def block_mask(spec: PermutationSpec, group: str) -> Tensor | None:
     ``None`` when nothing is forbidden (all slots carry the whole group) or for attention groups
     (their structure is handled by :func:`~modeconn.solve_assignment`).
     """
-    size = spec.groups[group]
     if group in spec.heads:
         return None
-    slots = spec.slots.get(group, ())
-    partial = [s for s in slots if s.unit_start != 0 or s.n_units(size) != size]
-    if not partial:
-        return None
-    sig = torch.zeros(size, len(partial), dtype=torch.bool)
-    for k, s in enumerate(partial):
-        sig[s.unit_start : s.unit_start + s.n_units(size), k] = True
-    return (sig[:, None, :] == sig[None, :, :]).all(-1)
+    labels = unit_classes(spec, group)
+    return None if labels is None else labels[:, None] == labels[None, :]
 
 
 def masked(score: Tensor, mask: Tensor | None) -> Tensor:
@@ -115,6 +109,16 @@ class _Problem:
             if terms:
                 self.terms[g] = terms
         self.masks = {g: block_mask(spec, g) for g in self.terms}
+        # groups acting on two axes of one tensor (a square weight inside a residual stream,
+        # a weight shared by consecutive layers): J is quadratic in them, C_g only linearises it
+        self.params_of: dict[str, list[str]] = {
+            g: list(dict.fromkeys(s.param for s in slots)) for g, slots in spec.slots.items()
+        }
+        self.quadratic = {
+            g
+            for g, slots in spec.slots.items()
+            if any(len({s.axis for s in slots if s.param == p}) > 1 for p in self.params_of[g])
+        }
         self._index: dict[tuple[str, int], Tensor] = {}
         self._index_for: object = None  # the permutation object the cached indices belong to
 
@@ -162,10 +166,10 @@ class _Problem:
             c[t.lo : t.lo + t.n, t.lo : t.lo + t.n] += t.a_mat @ b_mat.T
         return masked(c, self.masks[g])
 
-    def objective(self, perm: Mapping[str, Tensor]) -> float:
-        """``sum over the spec's tensors of <W_A, pi(W_B)>`` (float64)."""
+    def objective(self, perm: Mapping[str, Tensor], params: Iterable[str] | None = None) -> float:
+        """``sum over the spec's tensors (or ``params``) of <W_A, pi(W_B)>`` (float64)."""
         total = 0.0
-        for param in self.a:
+        for param in self.a if params is None else params:
             a = self.a[param].to(self.device, self.dtype)
             b = self.permuted_b(param, perm, None).to(self.dtype)
             total += float((a * b).sum())
@@ -194,12 +198,17 @@ def _descend(
             c = prob.cost(g, perm)
             rows = torch.arange(c.shape[0], device=c.device)
             new = solve_assignment(c, spec.heads.get(g))
-            old_val = float(c[rows, perm[g].to(c.device)].sum())
-            new_val = float(c[rows, new.to(c.device)].sum())
-            if new_val - old_val > _TOL:
+            if g in prob.quadratic:  # the exact change of J, not of its linearisation
+                params = prob.params_of[g]
+                before = prob.objective(perm, params)
+                gain = prob.objective(Permutation({**perm, g: new}), params) - before
+            else:
+                old_val = float(c[rows, perm[g].to(c.device)].sum())
+                gain = float(c[rows, new.to(c.device)].sum()) - old_val
+            if gain > _TOL:
                 perm[g] = new
                 prob.invalidate(g)
-                objective += new_val - old_val
+                objective += gain
                 improved = True
         history.append(objective)
         if tick is not None:
@@ -234,9 +243,12 @@ def weight_matching(
     that axis moved first, restricted to the slot's positions and flattened to
     ``(units, -1)``, and B has every *other* group's current permutation applied; the Hungarian
     solution of ``max_P <C_g, P>`` (heads-structured for attention groups) replaces ``pi_g`` only if
-    it raises ``J`` by more than ``1e-12``. Stops after a round without improvement or
-    ``max_iter`` rounds. Restarts from random permutations (seeds ``seed + r``) keep the best ``J``;
-    restart 0 starts from ``init`` (default: the identity).
+    it raises ``J`` by more than ``1e-12``. ``J`` is linear in ``P_g`` unless ``g`` acts on two axes
+    of one tensor (a square weight inside a residual stream, a weight shared by consecutive
+    layers); there ``C_g`` is only a linearisation, and the change of ``J`` is recomputed exactly
+    on the group's tensors before the update is accepted (so ``J`` never decreases). Stops after
+    a round without improvement or ``max_iter`` rounds. Restarts from random permutations (seeds
+    ``seed + r``) keep the best ``J``; restart 0 starts from ``init`` (default: the identity).
 
     Args:
         spec: the permutation spec of the architecture (e.g. ``mc.infer_spec``).
