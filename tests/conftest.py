@@ -1,11 +1,12 @@
-"""Shared test fixtures: data splits and a session cache of small trained models."""
+"""Shared test fixtures: data splits, a session cache of small trained models, the CLI runner."""
 
 from __future__ import annotations
 
 import copy
 import os
+import sys
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 import torch
@@ -77,3 +78,34 @@ def trained(mnist1d_splits: mc.data.Splits, digits_splits: mc.data.Splits) -> Tr
         return copy.deepcopy(cache[key])
 
     return make
+
+
+class CliResult(NamedTuple):
+    """What one ``modeconn ...`` invocation gave: exit code, stdout, stderr."""
+
+    code: int
+    out: str
+    err: str
+
+
+@pytest.fixture
+def run_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
+    """``run_cli(*args) -> CliResult(code, out, err)``: the console entry point, in-process.
+
+    Arguments are converted with ``str`` (paths welcome); what the command printed is captured
+    (and consumed) per call.
+    """
+    from modeconn.cli.main import main
+
+    def run(*args: object) -> CliResult:
+        capsys.readouterr()  # drop anything printed before this call
+        monkeypatch.setattr(sys, "argv", ["modeconn", *map(str, args)])
+        code = 0
+        try:
+            main()
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        captured = capsys.readouterr()
+        return CliResult(code, captured.out, captured.err)
+
+    return run

@@ -3,22 +3,11 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 import torch
 
 import modeconn as mc
-from modeconn.cli.main import main
-
-
-def run_cli(monkeypatch: pytest.MonkeyPatch, *args: str) -> int:
-    monkeypatch.setattr(sys, "argv", ["modeconn", *map(str, args)])
-    try:
-        main()
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
 
 
 @pytest.fixture(scope="module")
@@ -37,16 +26,15 @@ def checkpoints(tmp_path_factory, trained):
 
 @pytest.mark.slow
 def test_align_weight_writes_aligned_checkpoint_and_barrier_json(
-    checkpoints, monkeypatch, capsys, mnist1d_splits
+    checkpoints, run_cli, mnist1d_splits
 ):
     d, a, b, _ = checkpoints
     out, js = d / "b_aligned.safetensors", d / "align.json"
-    code = run_cli(
-        monkeypatch, "align", a, b, "--method", "weight", "--out", out, "--json", js,
+    code, printed, err = run_cli(
+        "align", a, b, "--method", "weight", "--out", out, "--json", js,
         "--points", "5", "--no-progress",
     )
-    assert code == 0, capsys.readouterr().err
-    printed = capsys.readouterr().out
+    assert code == 0, err
     assert "naive" in printed and "aligned" in printed
     ck = mc.load_checkpoint(out)
     assert ck.meta["data"] == "mnist1d" and ck.meta["seed"] == 1  # B's metadata preserved
@@ -61,37 +49,66 @@ def test_align_weight_writes_aligned_checkpoint_and_barrier_json(
     assert len(res["before"]["ts"]) == 5
 
 
-def test_unknown_method_is_one_line_and_writes_nothing(checkpoints, monkeypatch, capsys):
+def test_unknown_method_is_one_line_and_writes_nothing(checkpoints, run_cli):
     d, a, b, _ = checkpoints
     out = d / "never.safetensors"
-    code = run_cli(monkeypatch, "align", a, b, "--method", "magic", "--out", out, "--no-barrier")
-    err = capsys.readouterr().err
+    code, _, err = run_cli("align", a, b, "--method", "magic", "--out", out, "--no-barrier")
     assert code == 2
     assert "unknown alignment method 'magic'" in err and "weight" in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not out.exists()
 
 
-def test_mismatched_architectures_name_the_tensor(checkpoints, monkeypatch, capsys):
+def test_mismatched_architectures_name_the_tensor(checkpoints, run_cli):
     d, a, _, narrow = checkpoints
     out = d / "never2.safetensors"
-    code = run_cli(monkeypatch, "align", a, narrow, "--out", out, "--no-barrier")
-    err = capsys.readouterr().err
+    code, _, err = run_cli("align", a, narrow, "--out", out, "--no-barrier")
     assert code == 2
     assert "layers.0.weight" in err and "Traceback" not in err
     assert not out.exists()
 
 
 @pytest.mark.slow
-def test_align_activation_uses_recorded_data(checkpoints, monkeypatch, capsys):
+def test_align_activation_uses_recorded_data(checkpoints, run_cli):
     d, a, b, _ = checkpoints
     out, js = d / "b_act.safetensors", d / "act.json"
-    code = run_cli(
-        monkeypatch, "align", a, b, "--method", "activation", "--out", out, "--json", js,
+    code, _, err = run_cli(
+        "align", a, b, "--method", "activation", "--out", out, "--json", js,
         "--points", "3", "--no-progress",
     )
-    assert code == 0, capsys.readouterr().err
+    assert code == 0, err
     res = json.loads(js.read_text())
     assert res["alignment"]["method"] == "activation"
     assert res["after"]["loss_barrier"] < 0.5 * res["before"]["loss_barrier"]
     assert mc.load_checkpoint(out).meta["alignment"]["info"]["mean_corr_after"]
+
+
+def test_align_with_a_spec_file(tmp_path, run_cli):
+    """--spec: a hand-written (or saved) spec instead of inference, e.g. for untraceable models;
+    a spec of another architecture is one clear line."""
+    nets = [mc.models.create("mlp", input_shape=(40,), width=16, seed=s) for s in (0, 1)]
+    paths = [tmp_path / f"m{s}.safetensors" for s in (0, 1)]
+    for p, n in zip(paths, nets, strict=True):
+        mc.save_checkpoint(p, n, meta={"data": "mnist1d"})
+    spec = mc.infer_spec(nets[0], torch.randn(2, 40))
+    (tmp_path / "spec.json").write_text(spec.to_json())
+    out = tmp_path / "aligned.safetensors"
+    code, _, err = run_cli(
+        "align", *paths, "--spec", tmp_path / "spec.json", "--out", out,
+        "--no-barrier", "--no-progress",
+    )
+    assert code == 0, err
+    expected = mc.apply_permutation(
+        spec, mc.weight_matching(spec, nets[0].state_dict(), nets[1].state_dict()),
+        nets[1].state_dict(),
+    )
+    got = mc.load_checkpoint(out).state
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    wrong = mc.PermutationSpec.from_axes({"h": 16}, {"nope.weight": ("h", None)})
+    (tmp_path / "wrong.json").write_text(wrong.to_json())
+    code, _, err = run_cli(
+        "align", *paths, "--spec", tmp_path / "wrong.json", "--out",
+        tmp_path / "never.safetensors", "--no-barrier",
+    )
+    assert code == 2 and "nope.weight" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1

@@ -3,23 +3,12 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 import torch
 
 import modeconn as mc
 from modeconn._src.paths import PathEvaluation
-from modeconn.cli.main import main
-
-
-def run_cli(monkeypatch: pytest.MonkeyPatch, *args: object) -> int:
-    monkeypatch.setattr(sys, "argv", ["modeconn", *map(str, args)])
-    try:
-        main()
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
 
 
 @pytest.fixture(scope="module")
@@ -33,13 +22,10 @@ def checkpoints(tmp_path_factory, trained):
     return d, out[0], out[1]
 
 
-def test_interpolate_prints_table_and_writes_json_and_plot(
-    checkpoints, monkeypatch, capsys, mnist1d_splits
-):
+def test_interpolate_prints_table_and_writes_json_and_plot(checkpoints, run_cli, mnist1d_splits):
     d, a, b = checkpoints
     js, png = d / "interp.json", d / "interp.png"
-    code = run_cli(
-        monkeypatch,
+    code, printed, err = run_cli(
         "interpolate",
         a,
         b,
@@ -51,8 +37,7 @@ def test_interpolate_prints_table_and_writes_json_and_plot(
         png,
         "--no-progress",
     )
-    assert code == 0, capsys.readouterr().err
-    printed = capsys.readouterr().out
+    assert code == 0, err
     assert "barrier" in printed and "0.500" in printed
     res = json.loads(js.read_text())
     ev = PathEvaluation.from_dict(res["evaluation"])
@@ -63,7 +48,7 @@ def test_interpolate_prints_table_and_writes_json_and_plot(
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_curve_writes_its_folder_resumes_and_evaluates(checkpoints, monkeypatch, capsys):
+def test_curve_writes_its_folder_resumes_and_evaluates(checkpoints, run_cli):
     d, a, b = checkpoints
     out = d / "curve"
     args = [
@@ -82,7 +67,8 @@ def test_curve_writes_its_folder_resumes_and_evaluates(checkpoints, monkeypatch,
         "5",
         "--no-progress",
     ]
-    assert run_cli(monkeypatch, *args) == 0, capsys.readouterr().err
+    code, _, err = run_cli(*args)
+    assert code == 0, err
     assert {p.name for p in out.iterdir()} >= {
         "curve.safetensors",
         "evaluation.json",
@@ -97,16 +83,13 @@ def test_curve_writes_its_folder_resumes_and_evaluates(checkpoints, monkeypatch,
     line_ev = PathEvaluation.from_dict(res["linear"])
     assert curve_ev.summary("loss", "train")["max"] < line_ev.summary("loss", "train")["max"]
     # --resume on a finished run trains nothing more and gives the same curve
-    assert run_cli(monkeypatch, *args, "--resume") == 0
+    assert run_cli(*args, "--resume").code == 0
     again = mc.load_path(out)
     assert all(
         torch.equal(p[k], q[k]) for p, q in zip(path.points, again.points, strict=True) for k in p
     )
-    capsys.readouterr()
     js = d / "eval.json"
-    assert (
-        run_cli(monkeypatch, "evaluate", out, "--points", "5", "--json", js, "--no-progress") == 0
-    )
+    assert run_cli("evaluate", out, "--points", "5", "--json", js, "--no-progress").code == 0
     ev = PathEvaluation.from_dict(json.loads(js.read_text())["evaluation"])
     torch.testing.assert_close(ev.values("loss", "test"), curve_ev.values("loss", "test"))
 
@@ -120,13 +103,18 @@ def test_curve_writes_its_folder_resumes_and_evaluates(checkpoints, monkeypatch,
         (["interpolate", "{a}", "{missing}"], "does not exist"),
         (["evaluate", "{missing}"], "no path file"),
         (["interpolate", "{a}", "{b}", "--points", "1"], "--points"),
+        # found in review (tracebacks or silently accepted before)
+        (["interpolate", "{a}", "{b}", "--eps", "-1"], "--eps must be >= 0"),
+        (["interpolate", "{a}", "{b}", "--data", "digits"], "does not fit the model"),
+        (["curve", "{a}", "{b}", "--batch-size", "0"], "--batch-size >= 1"),
+        (["curve", "{a}", "{b}", "--points", "1"], "--points"),
+        (["curve", "{a}", "{b}", "--device", "gpu0"], "--device 'gpu0' is not a device"),
     ],
 )
-def test_bad_input_is_one_line_and_exit_2(checkpoints, monkeypatch, capsys, args, message):
+def test_bad_input_is_one_line_and_exit_2(checkpoints, run_cli, args, message):
     d, a, b = checkpoints
     subst = {"a": a, "b": b, "missing": d / "missing.safetensors"}
-    code = run_cli(monkeypatch, *(x.format(**subst) for x in args), "--no-progress")
-    err = capsys.readouterr().err
+    code, _, err = run_cli(*(x.format(**subst) for x in args), "--no-progress")
     assert code == 2 and message in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
 

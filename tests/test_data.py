@@ -190,3 +190,11 @@ def test_cache_dir_env(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert mc.data.cache_dir() == tmp_path / "modeconn"
     assert os.fspath(mc.data.cache_dir()).endswith("modeconn")
+
+
+def test_folder_and_non_npz_files_are_named_clearly(tmp_path):
+    with pytest.raises(mc.DataError, match="is a folder"):
+        mc.data.load(str(tmp_path))
+    (tmp_path / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")
+    with pytest.raises(mc.DataError, match="not an .npz archive"):  # not numpy's pickle advice
+        mc.data.load(str(tmp_path / "model.safetensors"))

@@ -198,3 +198,60 @@ def test_failed_save_leaves_no_file(tmp_path):
     with pytest.raises(mc.CheckpointError, match="not a tensor"):
         mc.save_checkpoint(dest, {"w": torch.zeros(1), "step": 3})
     assert list(tmp_path.iterdir()) == []
+
+
+# --- found in review --------------------------------------------------------------------------
+
+
+def test_recorded_model_factory_is_not_run_unless_named(tmp_path):
+    """A checkpoint's metadata naming ``pkg.mod:fn`` must not import and call it by itself: a
+    crafted safetensors file recording ``os:system`` ran its command before the fix."""
+    import json
+
+    from safetensors.torch import save_file
+
+    target = tmp_path / "pwned"
+    evil = tmp_path / "evil.safetensors"
+    meta = {"model": {"name": "os:system", "kwargs": {"command": f"touch {target}"}}}
+    save_file({"w": torch.zeros(1)}, str(evil), metadata={"modeconn": json.dumps(meta)})
+    with pytest.raises(mc.CheckpointError, match="records the model factory 'os:system'"):
+        mc.load_checkpoint(evil).build()
+    with pytest.raises(mc.CheckpointError, match="--model os:system"):
+        mc.load_model(evil)
+    assert not target.exists()
+    # a factory the caller names is built, with the options the checkpoint recorded
+    net = nn.Linear(3, 2)
+    net.modeconn_config = {"name": "torch.nn:Linear", "kwargs": {"in_features": 3,
+                                                                 "out_features": 2}}  # fmt: skip
+    mc.save_checkpoint(tmp_path / "lin.safetensors", net)
+    ck = mc.load_checkpoint(tmp_path / "lin.safetensors")
+    with pytest.raises(mc.CheckpointError, match="torch.nn:Linear"):
+        ck.build()
+    rebuilt = ck.build("torch.nn:Linear")
+    assert torch.equal(rebuilt.weight, net.weight)
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    old = os.umask(0o027)
+    try:
+        mc.save_checkpoint(tmp_path / "a.safetensors", nn.Linear(2, 1))
+        with atomic_path(tmp_path / "p.png") as tmp:
+            tmp.write_bytes(b"x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.safetensors").stat().st_mode & 0o777 == 0o640  # not mkstemp's 0o600
+    assert (tmp_path / "p.png").stat().st_mode & 0o777 == 0o640
+    (tmp_path / "a.safetensors").chmod(0o664)  # replacing a file keeps its permissions
+    mc.save_checkpoint(tmp_path / "a.safetensors", nn.Linear(2, 1))
+    assert (tmp_path / "a.safetensors").stat().st_mode & 0o777 == 0o664
+
+
+def test_refused_pickle_warns_nothing(tmp_path, recwarn):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("hi",))
+
+    (tmp_path / "e.pt").write_bytes(pickle.dumps({"w": Evil()}))  # protocol 4/5: torch warned
+    with pytest.raises(mc.CheckpointError, match="refusing"):
+        mc.load_checkpoint(tmp_path / "e.pt")
+    assert not [w for w in recwarn if "pickle" in str(w.message)]

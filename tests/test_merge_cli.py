@@ -4,25 +4,18 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 
 import numpy as np
 import pytest
 import torch
 
 import modeconn as mc
-from modeconn.cli.main import main
 
 
-def _run(args: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["modeconn", "merge", *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = int(e.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
+@pytest.fixture
+def _run(run_cli):
+    """``_run(args) -> (code, out, err)`` of ``modeconn merge *args``."""
+    return lambda args: run_cli("merge", *args)
 
 
 @pytest.fixture(scope="module")
@@ -53,12 +46,11 @@ def ckpts(tmp_path_factory):
     return paths
 
 
-def test_merge_average_writes_checkpoint_table_and_json(ckpts, tmp_path, monkeypatch, capsys):
+def test_merge_average_writes_checkpoint_table_and_json(ckpts, tmp_path, _run):
     out, js = tmp_path / "m.safetensors", tmp_path / "m.json"
     code, stdout, err = _run(
         [str(ckpts["ft0"]), str(ckpts["ft1"]), "--out", str(out), "--json", str(js),
-         "--no-progress"], monkeypatch, capsys,
-    )
+         "--no-progress"])
     assert code == 0, err
     assert "merged" in stdout and "accuracy" in stdout
     ck = mc.load_checkpoint(out)
@@ -73,13 +65,12 @@ def test_merge_average_writes_checkpoint_table_and_json(ckpts, tmp_path, monkeyp
     assert res["evaluation"][-1]["accuracy"] == pytest.approx(acc)
 
 
-def test_merge_ties_with_base_and_params(ckpts, tmp_path, monkeypatch, capsys):
+def test_merge_ties_with_base_and_params(ckpts, tmp_path, _run):
     out = tmp_path / "t.safetensors"
     code, stdout, err = _run(
         [str(ckpts["ft0"]), str(ckpts["ft1"]), "--method", "ties", "--base", str(ckpts["pre"]),
          "--param", "density=0.5", "--param", "scale=1.0", "--weights", "1,2", "--out", str(out),
-         "--no-progress"], monkeypatch, capsys,
-    )
+         "--no-progress"])
     assert code == 0, err
     states = [mc.load_checkpoint(ckpts[k]).state for k in ("ft0", "ft1")]
     want = mc.merge(states, method="ties", base=mc.load_checkpoint(ckpts["pre"]).state,
@@ -89,7 +80,7 @@ def test_merge_ties_with_base_and_params(ckpts, tmp_path, monkeypatch, capsys):
     assert "(base)" in stdout
 
 
-def test_merge_from_a_yaml_recipe(ckpts, tmp_path, monkeypatch, capsys):
+def test_merge_from_a_yaml_recipe(ckpts, tmp_path, _run):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(
         f"models:\n  - path: {ckpts['ft0']}\n  - path: {ckpts['ft1']}\n"
@@ -97,7 +88,7 @@ def test_merge_from_a_yaml_recipe(ckpts, tmp_path, monkeypatch, capsys):
         "out: merged/r.safetensors\n"
     )
     code, stdout, err = _run(["--config", str(recipe),
-                              "--no-progress"], monkeypatch, capsys)
+                              "--no-progress"])
     assert code == 0, err
     assert (tmp_path / "merged" / "r.safetensors").is_file()  # relative to the recipe
     assert "regmean" in stdout
@@ -113,34 +104,43 @@ def test_merge_from_a_yaml_recipe(ckpts, tmp_path, monkeypatch, capsys):
         (["--weights", "1,x"], "comma-separated numbers"),
         (["--weights", "1,2,3"], "3 numbers for 2 checkpoints"),
         (["--method", "slerp", "--param", "t=0.5", "{narrow}"], "exactly 2 models, got 3"),
+        (["--param", "x=["], "--param 'x=[': cannot read the value"),  # was a traceback
     ],
 )
-def test_bad_input_is_one_line_and_writes_nothing(ckpts, tmp_path, monkeypatch, capsys, args,
+def test_bad_input_is_one_line_and_writes_nothing(ckpts, tmp_path, _run, args,
                                                   message):
     out = tmp_path / "never.safetensors"
     args = [a.format(pre=ckpts["pre"], narrow=ckpts["narrow"]) for a in args]
     code, _, err = _run([str(ckpts["ft0"]), str(ckpts["ft1"]), *args, "--out", str(out),
-                         "--no-progress"], monkeypatch, capsys)
+                         "--no-progress"])
     assert code == 2
     assert message in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
     assert not out.exists()
 
 
-def test_incompatible_checkpoints_refused_naming_the_tensor(ckpts, tmp_path, monkeypatch, capsys):
+def test_incompatible_checkpoints_refused_naming_the_tensor(ckpts, tmp_path, _run):
     out = tmp_path / "never.safetensors"
     code, _, err = _run([str(ckpts["ft0"]), str(ckpts["narrow"]), "--out", str(out),
-                         "--no-progress"], monkeypatch, capsys)
+                         "--no-progress"])
     assert code == 2 and re.search(r"tensor '[\w.]+weight' has shape \(.*\) in model 0", err)
     assert "Traceback" not in err
     assert not out.exists() and not list(tmp_path.iterdir())  # no temporary left behind
 
 
-def test_config_and_positional_models_clash(ckpts, tmp_path, monkeypatch, capsys):
+def test_config_and_positional_models_clash(ckpts, tmp_path, _run):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"models: [{ckpts['ft0']}, {ckpts['ft1']}]\nout: x.safetensors\n")
-    code, _, err = _run([str(ckpts["ft0"]), "--config", str(recipe)], monkeypatch, capsys)
+    code, _, err = _run([str(ckpts["ft0"]), "--config", str(recipe)])
     assert code == 2 and "drop checkpoints" in err
     recipe.write_text("models: [a.pt]\nmethod: average\nunknown_key: 1\n")
-    code, _, err = _run(["--config", str(recipe)], monkeypatch, capsys)
+    code, _, err = _run(["--config", str(recipe)])
     assert code == 2 and "unknown_key: unknown parameter" in err
+
+
+def test_a_single_checkpoint_is_refused(ckpts, tmp_path, _run):
+    out = tmp_path / "never.safetensors"
+    code, _, err = _run([str(ckpts["ft0"]), "--out", str(out), "--no-progress"])
+    assert code == 2 and "at least two checkpoints" in err
+    assert len(err.strip().splitlines()) == 1
+    assert not out.exists()

@@ -169,3 +169,16 @@ def test_transformer_patches_tokens():
     assert m.num_tokens == 4 and m.embed.in_features == 16
     with pytest.raises(mc.ConfigError, match="patch_size"):
         mc.models.create("transformer", input_shape=(40,), patch_size=3)
+
+
+def test_option_of_the_wrong_type_is_a_clear_config_error():
+    # was "'<' not supported between instances of 'str' and 'int'"
+    with pytest.raises(mc.ConfigError, match="option 'width' must be an integer, got 'abc'"):
+        mc.models.create("mlp", width="abc")
+    with pytest.raises(mc.ConfigError, match="option 'input_shape' must be a list of integers"):
+        mc.models.create("cnn", input_shape="1,8,8")
+    with pytest.raises(mc.ConfigError, match="option 'depth' must be an integer"):
+        mc.models.create("mlp", depth=True)
+    import numpy as np
+
+    assert mc.models.create("mlp", input_shape=(np.int64(40),), width=np.int64(8)) is not None

@@ -67,4 +67,32 @@ from ._src.paths.pam import pam_align
 # --- merging ---------------------------------------------------------------------------------
 from ._src.merge import MergedState, MergeRecipe, merge, merge_methods
 
-__all__ = [name for name in dir() if not name.startswith("_")]
+# The public names, by section (docs/API.md documents each). Keep in step with the imports above:
+# tests/test_public_api.py checks that every imported public name is listed here and vice versa.
+__all__ = [
+    "__version__",
+    # core: errors
+    "ModeconnError", "CheckpointError", "ConfigError", "DataError", "IncompatibleModelsError",
+    "SpecError",
+    # core: evaluation and assignment
+    "Metrics", "as_loader", "evaluate", "solve_assignment",
+    # core: permutation specs
+    "PermutationSpec", "Permutation", "Slot", "Site", "Heads", "apply_permutation",
+    "check_permutation", "compose_permutations", "identity_permutation", "inverse_permutation",
+    "random_permutation",
+    # foundation: models, data, checkpoints, training, adversarial robustness
+    "models", "data", "Checkpoint", "save_checkpoint", "load_checkpoint", "load_model",
+    "TrainResult", "train", "PGDConfig", "pgd_attack", "robust_evaluate",
+    # symmetry: spec inference
+    "infer_spec", "capture_sites",
+    # alignment
+    "align", "align_states", "aligner_names", "register_aligner", "weight_matching",
+    "weight_objective", "activation_matching", "ste_matching", "sinkhorn_matching", "merge_many",
+    "reset_bn", "reset_bn_state", "needs_bn_reset", "repair",
+    # paths and curves
+    "LinearPath", "BezierCurve", "PolyChain", "PathEvaluation", "fit_curve", "evaluate_path",
+    "load_path", "plot_paths", "pam_align", "landscape", "EnsembleResult", "curve_ensemble",
+    "evaluate_ensemble", "fge",
+    # merging
+    "merge", "merge_methods", "MergedState", "MergeRecipe",
+]  # fmt: skip

@@ -258,7 +258,9 @@ def load_npz(
     try:
         z = np.load(p, allow_pickle=False)
     except Exception as e:  # noqa: BLE001 - any unreadable file is a DataError
-        raise DataError(f"cannot read {str(p)!r} as an .npz file: {e}") from None
+        # numpy falls back to unpickling unknown formats, and says so; say what it means
+        why = "not an .npz archive" if "pickle" in str(e) else str(e).splitlines()[0]
+        raise DataError(f"cannot read {str(p)!r} as an .npz file: {why}") from None
     with z:
         if not hasattr(z, "files"):
             raise DataError(
@@ -376,6 +378,8 @@ def load(source: str | os.PathLike[str], **kwargs: Any) -> Splits:
     src = os.fspath(source)
     if src in _BUILTIN:
         fn = _BUILTIN[src]
+    elif os.path.isdir(src):
+        raise DataError(f"data source {src!r} is a folder; give an .npz file")
     elif src.endswith(".npz") or os.path.isfile(src):
         fn = lambda **kw: load_npz(src, **kw)  # noqa: E731
     elif ":" in src:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from .errors import DataError
+from .errors import ConfigError, DataError
 
 DataLike = Any  # DataLoader | Dataset | tuple[Tensor, Tensor]
 
@@ -70,19 +70,39 @@ def as_loader(
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
     """``None`` -> CPU; otherwise the named device, with a clear error if it is not available.
 
+    Args:
+        device: ``None``, ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"`` or a ``torch.device``.
+
+    Returns:
+        The ``torch.device``.
+
+    Raises:
+        ConfigError: the name is not a device, or that device is not available here.
+
     Example:
         >>> resolve_device(None)
         device(type='cpu')
     """
     if device is None:
         return torch.device("cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise DataError(
-            "--device cuda was asked for, but no CUDA GPU is available; use --device cpu"
-        )
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(
+            f"--device {device!r} is not a device; use cpu, cuda, cuda:N or mps"
+        ) from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                "--device cuda was asked for, but no CUDA GPU is available; use --device cpu"
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"--device {device!s} was asked for, but there are only "
+                f"{torch.cuda.device_count()} CUDA GPU(s) (cuda:0 ...)"
+            )
     if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise DataError("--device mps was asked for, but MPS is not available; use --device cpu")
+        raise ConfigError("--device mps was asked for, but MPS is not available; use --device cpu")
     return dev
 
 
@@ -100,7 +120,7 @@ def with_state(model: nn.Module, state: Mapping[str, Tensor]) -> nn.Module:
 
     Example:
         >>> m = nn.Linear(2, 1); s = {k: torch.zeros_like(v) for k, v in m.state_dict().items()}
-        >>> float(with_state(m, s).weight.abs().sum())
+        >>> with_state(m, s).weight.abs().sum().item()
         0.0
     """
     new = copy.deepcopy(model)
@@ -117,6 +137,7 @@ class Metrics:
     n: int
 
     def to_dict(self) -> dict[str, float]:
+        """``{"loss": ..., "accuracy": ..., "n": ...}`` (JSON-ready)."""
         return {"loss": self.loss, "accuracy": self.accuracy, "n": self.n}
 
 

@@ -11,6 +11,21 @@ from pathlib import Path
 from typing import IO, Any
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _final_mode(dest: Path) -> int:
+    """The permissions a plain ``open(dest, "w")`` would give: those of the file it replaces,
+    else ``0o666`` minus the umask (``mkstemp`` alone would leave the file private, 0o600)."""
+    try:
+        return dest.stat().st_mode & 0o7777
+    except OSError:
+        return 0o666 & ~_umask()
+
+
 @contextlib.contextmanager
 def atomic_write(
     path: str | os.PathLike[str], mode: str = "wb", **open_kwargs: Any
@@ -45,6 +60,7 @@ def atomic_write(
             yield f
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _final_mode(dest))
         os.replace(tmp, dest)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -77,6 +93,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, _final_mode(dest))
         os.replace(tmp, dest)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -211,6 +228,8 @@ class Checkpoint:
 
         Args:
             model: a zoo name or ``"pkg.mod:fn"``; default: the one recorded in the metadata.
+                A recorded ``"pkg.mod:fn"`` is only used when passed here explicitly (building
+                it imports and calls that code); its recorded options still apply.
             **override: model keywords replacing the recorded ones.
 
         Returns:
@@ -224,10 +243,18 @@ class Checkpoint:
 
         recorded = self.meta.get("model") if isinstance(self.meta.get("model"), Mapping) else None
         name = model or (recorded or {}).get("name")
-        if not name:
+        if not name or not isinstance(name, str):
             raise CheckpointError(
                 f"checkpoint {self.path!r} does not record its model; pass --model NAME "
                 "(a zoo name or 'package.module:function')"
+            )
+        if model is None and ":" in name:
+            # Never import and call code named inside a file: a crafted checkpoint could name
+            # any function ("os:system"). Naming the factory yourself is the consent.
+            raise CheckpointError(
+                f"checkpoint {self.path!r} records the model factory {name!r}; modeconn does not "
+                f"run code named in a file: pass it yourself (--model {name}, or "
+                f"build({name!r}) in Python) to build it with the recorded options"
             )
         kwargs: dict[str, Any] = {}
         if recorded and recorded.get("name") == name:
@@ -303,13 +330,16 @@ def _load_safetensors(p: Path) -> Checkpoint:
 def _load_torch(p: Path) -> Checkpoint:
     import json
     import pickle
+    import warnings
 
     import torch
 
     from .errors import CheckpointError
 
     try:
-        obj = torch.load(str(p), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols it then refuses
+            warnings.simplefilter("ignore")
+            obj = torch.load(str(p), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         raise CheckpointError(
             f"refusing to load {str(p)!r}: it needs unpickling arbitrary Python objects, which "

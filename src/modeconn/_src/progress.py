@@ -12,8 +12,9 @@ def progress_bar(
 ) -> Iterator[Callable[[str | None], None]]:
     """Yield ``advance(text=None)``: one step forward (and an optional new description).
 
-    With ``enabled=False`` nothing is drawn and ``advance`` does nothing. The bar is drawn on
-    stderr by rich and removed when the block ends.
+    With ``enabled=False``, or when stderr is not a terminal (a log file, a pipe, a test), nothing
+    is drawn and ``advance`` does nothing. The bar is drawn on stderr by rich and removed when
+    the block ends.
 
     Args:
         enabled: draw the bar.
@@ -34,12 +35,16 @@ def progress_bar(
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    console = Console(stderr=True)
+    if not console.is_terminal:  # rich would only leave a stray blank line behind
+        yield lambda text=None: None
+        return
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
-        console=Console(stderr=True),
+        console=console,
         transient=True,
     ) as bar:
         task = bar.add_task(description, total=total)

@@ -67,6 +67,14 @@ def command(
     restarts: Annotated[
         int, typer.Option("--restarts", help="Weight matching: random restarts (best kept).")
     ] = 1,
+    spec_path: Annotated[
+        Path | None,
+        typer.Option(
+            "--spec",
+            help="Permutation spec JSON (as `modeconn spec --json` writes, or by hand) to use "
+            "instead of inferring one: for models that cannot be traced.",
+        ),
+    ] = None,
     model: ModelOpt = None,
     model_arg: ModelArgsOpt = None,
     seed: SeedOpt = 0,
@@ -88,7 +96,17 @@ def command(
         check_out_path(json_path)
     if points < 2:
         raise ConfigError(f"--points must be >= 2, got {points}")
+    if restarts < 1:
+        raise ConfigError(f"--restarts must be >= 1, got {restarts}")
     get_aligner(method)  # unknown method: one clear line before any work
+    spec = None
+    if spec_path is not None:
+        from modeconn._src.errors import SpecError
+
+        try:
+            spec = mc.PermutationSpec.from_json(spec_path.read_text())
+        except OSError as e:
+            raise SpecError(f"cannot read the spec {str(spec_path)!r}: {e}") from e
     net_a = load_model_arg(model_a, model, model_arg, device=device)
     net_b = load_model_arg(model_b, model, model_arg, device=device)
     needs_data = method != "weight" or barrier
@@ -103,6 +121,7 @@ def command(
         net_b,
         method=method,
         data=splits.train if splits is not None else None,
+        spec=spec,
         return_permutation=True,
         **kwargs,
     )

@@ -16,7 +16,9 @@ import contextlib
 import inspect
 import json
 import math
-from collections.abc import Mapping, Sequence
+import os
+import tempfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -72,11 +74,36 @@ ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Sho
 # --- helpers ----------------------------------------------------------------------------------
 
 
-def parse_model_args(items: Sequence[str] | None) -> dict[str, Any]:
+class Interrupted(Exception):
+    """Ctrl-C inside a command; the message says what was kept and how to resume.
+
+    ``cli.main`` prints ``interrupted: <message>`` and exits with 130.
+    """
+
+
+@contextlib.contextmanager
+def on_interrupt(message: str | Callable[[], str]) -> Iterator[None]:
+    """Turn Ctrl-C inside the block into :class:`Interrupted` with ``message`` (or its result).
+
+    Example:
+        >>> with on_interrupt("nothing was written"):
+        ...     pass
+    """
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise Interrupted(message() if callable(message) else message) from None
+
+
+def parse_model_args(
+    items: Sequence[str] | None, *, option: str = "--model-arg", example: str = "width=256"
+) -> dict[str, Any]:
     """``["width=256", "norm=bn"]`` -> ``{"width": 256, "norm": "bn"}`` (values read as YAML).
 
     Args:
         items: ``KEY=VALUE`` strings.
+        option: the option's name, for error messages.
+        example: a valid item, for error messages.
 
     Returns:
         The options as a dict.
@@ -91,11 +118,11 @@ def parse_model_args(items: Sequence[str] | None) -> dict[str, Any]:
     for item in items or ():
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
-            raise ConfigError(f"--model-arg {item!r} must look like KEY=VALUE, e.g. width=256")
+            raise ConfigError(f"{option} {item!r} must look like KEY=VALUE, e.g. {example}")
         try:
             out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError:
-            raise ConfigError(f"--model-arg {item!r}: cannot read the value {raw!r}") from None
+            raise ConfigError(f"{option} {item!r}: cannot read the value {raw!r}") from None
     return out
 
 
@@ -148,13 +175,83 @@ def load_data_arg(source: str | None, *models: Any, **kwargs: Any) -> Any:
 
     if source is None:
         for m in models:
-            recorded = (getattr(m, "modeconn_meta", None) or {}).get("data")
-            if isinstance(recorded, str) and recorded:
-                source = recorded
+            source = recorded_data(getattr(m, "modeconn_meta", None))
+            if source is not None:
                 break
     if source is None:
         raise DataError("no --data given and the checkpoint does not record its data; pass --data")
-    return _data.load(source, **kwargs)
+    splits = _data.load(source, **kwargs)
+    if models:
+        check_data_fits(models[0], splits)
+    return splits
+
+
+def recorded_data(meta: Mapping[str, Any] | None) -> str | None:
+    """The data source a checkpoint's metadata records, if any.
+
+    A recorded ``"package.module:function"`` is refused: modeconn never imports and runs code
+    named inside a file (a crafted checkpoint could name any function); pass it as ``--data``.
+
+    Args:
+        meta: checkpoint metadata (``Checkpoint.meta`` or ``model.modeconn_meta``).
+
+    Returns:
+        The source (a built-in name or a file path), or ``None``.
+
+    Example:
+        >>> recorded_data({"data": "digits"})
+        'digits'
+    """
+    from .. import data as _data
+
+    src = (meta or {}).get("data")
+    if not isinstance(src, str) or not src:
+        return None
+    if ":" in src and src not in _data.sources() and not os.path.exists(src):
+        raise DataError(
+            f"the checkpoint records the data source {src!r}, an import path; modeconn does not "
+            f"run code named in a file: pass --data {src} to use it"
+        )
+    return src
+
+
+def check_data_fits(model: Any, splits: Any) -> None:
+    """Run two training examples through ``model``: a data set of the wrong shape or with more
+    classes than the model's outputs is one clear :class:`DataError` before any work.
+
+    Example:
+        >>> import modeconn as mc
+        >>> check_data_fits(mc.models.create("mlp", input_shape=(1, 8, 8)), mc.data.load("digits"))
+    """
+    import torch
+
+    from .._src.evaluation import model_device
+
+    try:
+        x = torch.as_tensor(splits.train[0][0]).unsqueeze(0)
+    except Exception:  # noqa: BLE001 - an unusual dataset: let the real run speak for itself
+        return
+    x = torch.cat([x, x]).to(model_device(model))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(x)
+    except Exception as e:  # noqa: BLE001 - any failure here means the data does not fit
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataError(
+            f"data {splits.name!r} (inputs of shape {tuple(splits.input_shape)}) does not fit "
+            f"the model: {msg}; pass the --data it was trained on"
+        ) from None
+    finally:
+        model.train(was_training)
+    if not isinstance(out, torch.Tensor) or out.ndim != 2:
+        return
+    if out.shape[-1] < splits.num_classes:
+        raise DataError(
+            f"data {splits.name!r} has {splits.num_classes} classes but the model has "
+            f"{out.shape[-1]} outputs; pass the --data it was trained on"
+        )
 
 
 def build_model(name: str, splits: Any, model_args: Mapping[str, Any], *, seed: int) -> Any:
@@ -208,11 +305,15 @@ def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]
     Example:
         >>> print_table("metrics", ["split", "acc"], [["test", 0.91]])  # doctest: +SKIP
     """
-    table = Table(title=title, title_justify="left")
+    from rich.markup import escape
+
+    table = Table()
     for i, c in enumerate(columns):
         table.add_column(str(c), justify="left" if i == 0 else "right")
     for row in rows:
         table.add_row(*(_cell(v) for v in row))
+    # the title on its own line: as a table title it wraps to the (narrow) table's width
+    console.print(f"[bold]{escape(title)}[/bold]")
     console.print(table)
 
 
@@ -241,7 +342,8 @@ def write_json(path: str | Path, obj: Any) -> Path:
 
 
 def check_out_path(path: str | Path, *, suffixes: Sequence[str] = ()) -> Path:
-    """Validate an output path before any work: not a folder, and one of ``suffixes`` if given.
+    """Validate an output file before any work: not a folder, one of ``suffixes`` if given, and
+    somewhere files can be written (so a long run never fails only at its last step).
 
     Example:
         >>> check_out_path("a.safetensors", suffixes=[".safetensors", ".pt"]).name
@@ -252,4 +354,37 @@ def check_out_path(path: str | Path, *, suffixes: Sequence[str] = ()) -> Path:
         raise ConfigError(f"output {str(p)!r} is a folder; give a file name")
     if suffixes and p.suffix.lower() not in suffixes:
         raise ConfigError(f"output {str(p)!r} must end with one of {', '.join(suffixes)}")
+    _check_writable(p.parent, f"output {str(p)!r}")
     return p
+
+
+def check_out_dir(path: str | Path) -> Path:
+    """Validate an output folder before any work: not a file, and writable (or creatable).
+
+    Example:
+        >>> check_out_dir("curve").name
+        'curve'
+    """
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise ConfigError(f"--out {str(p)!r} is a file; give a folder")
+    _check_writable(p, f"output folder {str(p)!r}")
+    return p
+
+
+def _check_writable(folder: Path, what: str) -> None:
+    """The nearest existing folder at or above ``folder`` accepts a new file (a real probe)."""
+    anc = Path(os.path.abspath(folder))
+    while not anc.exists() and anc.parent != anc:
+        anc = anc.parent
+    if not anc.is_dir():
+        raise ConfigError(f"cannot write {what}: {str(anc)!r} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".modeconn-probe-", dir=anc)
+    except OSError as e:
+        raise ConfigError(
+            f"cannot write {what}: folder {str(anc)!r} is not writable ({e.strerror or e})"
+        ) from None
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        os.unlink(probe)

@@ -18,6 +18,7 @@ from .common import (
     console,
     parse_model_args,
     print_table,
+    recorded_data,
     write_json,
 )
 
@@ -26,13 +27,7 @@ _SUFFIXES = (".safetensors", ".pt", ".pth")
 
 def _params(items: list[str] | None) -> dict[str, Any]:
     """``--param density=0.2`` -> ``{"density": 0.2}`` (values read as YAML)."""
-    from .._src.errors import ConfigError
-
-    try:
-        return parse_model_args(items)
-    except ConfigError:
-        bad = next(i for i in items or () if "=" not in i or not i.partition("=")[0].strip())
-        raise ConfigError(f"--param {bad!r} must look like KEY=VALUE, e.g. density=0.2") from None
+    return parse_model_args(items, option="--param", example="density=0.2")
 
 
 def _weights(text: str | None) -> list[float] | None:
@@ -51,8 +46,7 @@ def _weights(text: str | None) -> list[float] | None:
 def _recorded_data(path: Path) -> str | None:
     from .._src.io import load_checkpoint
 
-    recorded = load_checkpoint(path).meta.get("data")
-    return recorded if isinstance(recorded, str) and recorded else None
+    return recorded_data(load_checkpoint(path).meta)
 
 
 def command(
@@ -103,8 +97,10 @@ def command(
     """Merge checkpoints into one and print each input's test loss/accuracy next to the merged one.
 
     The data's train split feeds Fisher, RegMean, the greedy soup's selection, activation
-    alignment and the BN reset; the test split gives the table. Example: modeconn merge
-    a.safetensors b.safetensors --method ties --base pre.safetensors --out m.safetensors
+    alignment and the BN reset; the test split gives the table.
+
+    Example: `modeconn merge a.safetensors b.safetensors --method ties --base pre.safetensors
+    --out m.safetensors`
     """
     from .._src.errors import ConfigError
     from .._src.merge import MergeRecipe
@@ -135,6 +131,10 @@ def command(
     else:
         if not models:
             raise ConfigError("give the checkpoints to merge (modeconn merge A B ...) or --config")
+        if len(models) < 2:
+            raise ConfigError(
+                f"give at least two checkpoints to merge, got only {str(models[0])!r}"
+            )
         if out is None:
             raise ConfigError("give --out merged.safetensors (where to write the merged model)")
         check_out_path(out, suffixes=_SUFFIXES)

@@ -15,10 +15,12 @@ from .common import (
     ModelOpt,
     ProgressOpt,
     SeedOpt,
+    check_out_dir,
     check_out_path,
     console,
     load_data_arg,
     load_model_arg,
+    on_interrupt,
     parse_model_args,
     print_table,
     write_json,
@@ -37,8 +39,11 @@ PLOT_FILE = "curve.png"
 
 def _pgd(eps: float, step: float | None, steps: int) -> dict[str, Any] | None:
     from modeconn._src.adversarial import PGDConfig
+    from modeconn._src.errors import ConfigError
 
-    if eps <= 0:
+    if eps < 0:
+        raise ConfigError(f"--eps must be >= 0 (0: no robust accuracy), got {eps}")
+    if eps == 0:
         return None
     return PGDConfig.coerce({"eps": eps, "step": step or eps / 4, "steps": steps}).model_dump()
 
@@ -217,8 +222,13 @@ def curve(
     _check_align(align, ("weight", "activation", "pam"))
     if bends < 1 or epochs < 1:
         raise ConfigError(f"--bends and --epochs must be >= 1, got {bends} and {epochs}")
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {str(out)!r} is a file; give a folder")
+    if batch_size < 1 or lr <= 0 or wd < 0:
+        raise ConfigError(
+            f"need --batch-size >= 1, --lr > 0 and --wd >= 0, got {batch_size}, {lr} and {wd}"
+        )
+    if points < 2:
+        raise ConfigError(f"--points must be >= 2, got {points}")
+    check_out_dir(out)
     if json_path is not None:
         check_out_path(json_path)
     robust = _pgd(eps, pgd_step, pgd_steps)
@@ -242,33 +252,47 @@ def curve(
                 random_start=cfg["random_start"],
             )
 
-    if resume and (out / "fit_state.pt").is_file():
-        console.print(f"resuming from {out / 'fit_state.pt'}")
-    path = mc.fit_curve(
-        net_a,
-        net_b,
-        splits,
-        kind=kind,
-        bends=bends,
-        align=align,
-        epochs=epochs,
-        lr=lr,
-        wd=wd,
-        batch_size=batch_size,
-        seed=seed,
-        device=device,
-        checkpoint_dir=out,
-        resume=resume,
-        progress=progress,
-        input_transform=transform,
-    )
+    state_file = out / "fit_state.pt"
+    if resume and state_file.is_file():
+        console.print(f"resuming from {state_file}")
+
+    def resume_hint() -> str:
+        if not state_file.is_file():
+            return "no epoch had finished, so nothing was kept; run the command again"
+        return (
+            f"the finished epochs are kept in {state_file}; run the same command with --resume "
+            "to continue"
+        )
+
+    with on_interrupt(resume_hint):
+        path = mc.fit_curve(
+            net_a,
+            net_b,
+            splits,
+            kind=kind,
+            bends=bends,
+            align=align,
+            epochs=epochs,
+            lr=lr,
+            wd=wd,
+            batch_size=batch_size,
+            seed=seed,
+            device=device,
+            checkpoint_dir=out,
+            resume=resume,
+            progress=progress,
+            input_transform=transform,
+        )
     source = data or (getattr(net_a, "modeconn_meta", None) or {}).get("data") or splits.name
     path.meta.update(data=source, endpoints=[str(model_a), str(model_b)])
     file = path.save(out / PATH_FILENAME)
-    ev = _evaluate(net_a, path, splits, points, robust, device, progress)
-    ends = path.points
-    line = mc.LinearPath(ends[0], ends[-1])
-    ev_line = _evaluate(net_a, line, splits, points, robust, device, progress)
+    with on_interrupt(
+        f"the trained curve is saved in {file}; `modeconn evaluate {out}` evaluates it"
+    ):
+        ev = _evaluate(net_a, path, splits, points, robust, device, progress)
+        ends = path.points
+        line = mc.LinearPath(ends[0], ends[-1])
+        ev_line = _evaluate(net_a, line, splits, points, robust, device, progress)
     label = f"{kind}+{align}" if align else kind
     lin_label = f"linear+{align}" if align else "linear"
     evaluations = {lin_label: ev_line, label: ev}

@@ -11,8 +11,10 @@ from .common import (
     JsonOpt,
     ModelArgsOpt,
     ModelOpt,
+    check_out_path,
     console,
     parse_model_args,
+    recorded_data,
     write_json,
 )
 
@@ -37,8 +39,8 @@ def _input_shape(net: Any, given: str | None) -> list[int]:
     shape = (cfg.get("kwargs") or {}).get("input_shape")
     if shape:
         return [int(s) for s in shape]
-    data = (getattr(net, "modeconn_meta", None) or {}).get("data")
-    if isinstance(data, str) and data:
+    data = recorded_data(getattr(net, "modeconn_meta", None))
+    if data is not None:
         from .. import data as _data
 
         return list(_data.load(data).input_shape)
@@ -67,9 +69,9 @@ def command(
     model_arg: ModelArgsOpt = None,
     json_path: JsonOpt = None,
 ) -> None:
-    """Infer the permutation spec of a model and print its groups (``--json`` writes the spec).
+    """Infer the permutation spec of a model and print its groups (`--json` writes the spec).
 
-    Example: ``modeconn spec resnet --zoo --input-shape '[1,8,8]'``.
+    Example: `modeconn spec resnet --zoo --input-shape '[1,8,8]'`.
     """
     import torch
 
@@ -78,6 +80,8 @@ def command(
 
     from .._src.errors import CheckpointError
 
+    if json_path is not None:
+        check_out_path(json_path)
     kwargs = parse_model_args(model_arg)
     if zoo:
         shape = _input_shape(None, input_shape) if input_shape else None

@@ -8,7 +8,6 @@ from typing import Annotated
 import typer
 
 from .common import (
-    DataOpt,
     DeviceOpt,
     JsonOpt,
     ModelArgsOpt,
@@ -18,6 +17,7 @@ from .common import (
     check_out_path,
     console,
     load_data_arg,
+    on_interrupt,
     parse_model_args,
     print_table,
     write_json,
@@ -33,7 +33,15 @@ def command(
             help="Zoo model (mlp, cnn1d, cnn, resnet, transformer) or 'package.module:function'.",
         ),
     ] = "mlp",
-    data: DataOpt = "mnist1d",
+    data: Annotated[
+        str,
+        typer.Option(
+            "--data",
+            "-d",
+            help="Data source: mnist1d, digits, a path to an .npz (x_train, y_train, x_test, "
+            "y_test) or 'package.module:function'.",
+        ),
+    ] = "mnist1d",
     out: Annotated[
         Path, typer.Option("--out", "-o", help="Checkpoint to write (.safetensors or .pt).")
     ] = Path("model.safetensors"),
@@ -71,21 +79,22 @@ def command(
     splits = load_data_arg(data)
     net = build_model(model, splits, kwargs, seed=seed)
     pgd = {"eps": eps, "step": pgd_step, "steps": pgd_steps} if adversarial else None
-    result = mc.train(
-        net,
-        splits,
-        epochs=epochs,
-        lr=lr,
-        optimizer=optimizer,
-        schedule=schedule,
-        momentum=momentum,
-        weight_decay=weight_decay,
-        batch_size=batch_size,
-        seed=seed,
-        device=device,
-        adversarial=pgd,
-        progress=progress,
-    )
+    with on_interrupt("nothing was written (training does not resume); run the command again"):
+        result = mc.train(
+            net,
+            splits,
+            epochs=epochs,
+            lr=lr,
+            optimizer=optimizer,
+            schedule=schedule,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            batch_size=batch_size,
+            seed=seed,
+            device=device,
+            adversarial=pgd,
+            progress=progress,
+        )
     meta = {"data": data, "seed": seed, "train": result.config, "metrics": result.metrics}
     mc.save_checkpoint(out, result.model, meta=meta)
     m = result.metrics

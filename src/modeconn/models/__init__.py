@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import inspect
+import numbers
 import re
 from collections.abc import Callable
 from typing import Any
@@ -75,6 +76,34 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
+def _check_option_types(name: str, params: Any, kwargs: dict[str, Any]) -> None:
+    """An option whose default is an int / str / shape must be given as one (a clear message
+    instead of a comparison error deep inside the constructor)."""
+    for key, value in kwargs.items():
+        p = params.get(key)
+        if p is None or p.default is inspect.Parameter.empty or p.default is None:
+            continue
+        d = p.default
+        if isinstance(d, bool):
+            ok, want = isinstance(value, bool), "true or false"
+        elif isinstance(d, int):
+            ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+            want = "an integer"
+        elif isinstance(d, float):
+            ok, want = isinstance(value, numbers.Real) and not isinstance(value, bool), "a number"
+        elif isinstance(d, str):
+            ok, want = isinstance(value, str), "a string"
+        elif isinstance(d, tuple | list):
+            ok = isinstance(value, tuple | list) and all(
+                isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in value
+            )
+            want = "a list of integers such as [1, 8, 8]"
+        else:
+            continue
+        if not ok:
+            raise ConfigError(f"model {name!r}: option {key!r} must be {want}, got {value!r}")
+
+
 def create(name: str, *, seed: int | None = None, **kwargs: Any) -> nn.Module:
     """Build a zoo model by name; its constructor arguments are recorded on the model.
 
@@ -104,6 +133,7 @@ def create(name: str, *, seed: int | None = None, **kwargs: Any) -> nn.Module:
         raise ConfigError(
             f"model {name!r} has no option {unknown[0]!r}; its options are: {', '.join(allowed)}"
         )
+    _check_option_types(name, params, kwargs)
     fork = torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext()
     with fork:
         if seed is not None:
