@@ -388,3 +388,15 @@ def test_progress_bars_leave_nothing_on_a_non_terminal_stderr(run_cli, tmp_path)
     code, _, err = run_cli("train", "--data", "digits", "--epochs", "1", "--model-arg", "width=8",
                            "--out", tmp_path / "a.safetensors")  # fmt: skip
     assert code == 0 and err == "", repr(err)
+
+
+def test_write_json_is_strict_json_even_for_a_diverged_run(tmp_path):
+    import math
+
+    from modeconn.cli.common import write_json
+
+    result = {"loss": [1.0, math.nan, math.inf], "t": torch.tensor(0.5)}
+    dest = write_json(tmp_path / "r.json", result)
+    text = dest.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"loss": [1.0, None, None], "t": 0.5}

@@ -196,6 +196,10 @@ def test_bad_options_are_refused():
         mc.fit_curve(a, b, data, bends=0)
     with pytest.raises(ConfigError, match="bends"):
         mc.fit_curve(a, b, data, bends=-1, fix_endpoints=False)
+    with pytest.raises(ConfigError, match="batch_size"):
+        mc.fit_curve(a, b, data, batch_size=0)
+    with pytest.raises(ConfigError, match="epochs"):
+        mc.fit_curve(a, b, data, epochs=0)
 
 
 @pytest.mark.slow

@@ -287,6 +287,10 @@ class PermutationSpec:
             tab.add_row(label, str(size), ", ".join(parts))
         return tab
 
+    def __rich__(self) -> Any:
+        """Shown as :meth:`table` by ``rich.print`` and rich consoles."""
+        return self.table()
+
     def __str__(self) -> str:
         lines = [f"PermutationSpec({len(self.groups)} groups)"]
         for g, size in self.groups.items():

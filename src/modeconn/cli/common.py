@@ -317,8 +317,21 @@ def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]
     console.print(table)
 
 
+def _finite_or_none(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite_or_none(v) for v in obj]
+    return obj
+
+
 def write_json(path: str | Path, obj: Any) -> Path:
-    """Write ``obj`` as indented JSON, atomically (tensors, numpy values, paths are converted).
+    """Write ``obj`` as strict, indented JSON, atomically.
+
+    Tensors, numpy values and paths are converted; NaN and infinities (a diverged run) become
+    ``null``, so every JSON parser reads the file.
 
     Args:
         path: destination.
@@ -331,7 +344,8 @@ def write_json(path: str | Path, obj: Any) -> Path:
         >>> write_json("out.json", {"barrier": 0.1})  # doctest: +SKIP
     """
     try:
-        text = json.dumps(obj, indent=2, default=_json_default)
+        plain = json.loads(json.dumps(obj, default=_json_default))  # tensors etc. -> plain
+        text = json.dumps(_finite_or_none(plain), indent=2, allow_nan=False)
     except (TypeError, ValueError) as e:
         raise ConfigError(
             f"cannot write {str(path)!r}: results are not JSON-serialisable ({e})"

@@ -484,6 +484,8 @@ def fit_curve(
     if bends < (1 if fix_endpoints else 0):
         need = ">= 1" if fix_endpoints else ">= 0 (free endpoints)"
         raise ConfigError(f"bends must be {need}, got {bends}")
+    if epochs < 1 or batch_size < 1:
+        raise ConfigError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
     aligns = (None, "weight", "activation", "pam")
     if align not in aligns:
         raise ConfigError(f"unknown align {align!r}; use one of {list(aligns)}")
