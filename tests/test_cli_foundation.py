@@ -131,9 +131,11 @@ def test_demo_fast_writes_report_and_reuses_cache(run_cli, tmp_path):
     assert code == 0, err
     assert "linear path" in stdout and "barrier" in stdout
     assert sorted(p.name for p in out.iterdir()) == [
-        "endpoint_a.safetensors", "endpoint_b.safetensors", "path.png", "report.json",
+        "endpoint_a.safetensors", "endpoint_b.safetensors", "path.png", "plane_bezier.png",
+        "plane_bezier_act.png", "report.json",
     ]  # fmt: skip
-    assert (out / "path.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for png in ("path.png", "plane_bezier.png", "plane_bezier_act.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = json.loads((out / "report.json").read_text())
     lin = report["paths"]["linear"]
     assert len(lin["ts"]) == 25 and lin["ts"][0] == 0 and lin["ts"][-1] == 1
@@ -154,6 +156,11 @@ def test_demo_fast_writes_report_and_reuses_cache(run_cli, tmp_path):
         acc = ev["splits"]["test"]["values"]["accuracy"]
         assert acc[0] == pytest.approx(a.meta["metrics"]["test_accuracy"]), label
         assert acc[-1] == pytest.approx(b.meta["metrics"]["test_accuracy"]), label
+    # the planes contain the curves: A and B at (0, 0) and (|B - A|, 0), the bend off the line
+    for label in ("bezier", "bezier/act"):
+        pts = report["planes"][label]["points"]
+        assert pts[0] == pytest.approx([0.0, 0.0], abs=1e-6) and pts[1][1] == pytest.approx(0.0)
+        assert pts[2][1] > 0
     naive = report["barriers"]["linear"]["loss_train"]
     for label in ("linear/act", "linear/weight", "bezier", "bezier/act"):
         assert report["barriers"][label]["loss_train"] < 0.6 * naive, label

@@ -42,6 +42,7 @@ class DemoConfig:
         curve_epochs: epochs of curve training (``fast`` uses 4).
         align: add the aligned linear paths (activation and weight matching).
         curves: add the learned Bezier curves (unaligned, and aligned when ``align``).
+        plane_grid: grid points per axis of the loss-landscape planes of the curves.
         out: report folder.
         fast: a quick run (fewer epochs), e.g. for tests.
         use_cache: reuse endpoints trained earlier with the same settings.
@@ -57,6 +58,7 @@ class DemoConfig:
     lr: float = 0.1
     points: int = 25
     curve_epochs: int = 20
+    plane_grid: int = 17
     align: bool = True
     curves: bool = True
     out: str = "report"
@@ -74,6 +76,11 @@ class DemoConfig:
     def train_curve_epochs(self) -> int:
         """Curve-training epochs actually used (4 in fast mode)."""
         return min(self.curve_epochs, 4) if self.fast else self.curve_epochs
+
+    @property
+    def train_plane_grid(self) -> int:
+        """Plane grid points per axis actually used (9 in fast mode)."""
+        return min(self.plane_grid, 9) if self.fast else self.plane_grid
 
 
 # --- stages ---------------------------------------------------------------------------------
@@ -226,7 +233,28 @@ def stage_curves(ctx: Context) -> None:
             device=cfg.device,
             progress=cfg.progress,
         )
+        ctx.setdefault("curves", {})[label] = curve
         _evaluate(ctx, label, curve)
+
+
+def stage_planes(ctx: Context) -> None:
+    """Loss landscape in the plane through each learned curve's endpoints and bend, with the curve
+    projected into it (Garipov et al., NeurIPS 2018, Fig. 1): ``ctx["planes"][label]``."""
+    from .landscape import plane
+
+    cfg: DemoConfig = ctx["config"]
+    for label, curve in ctx.get("curves", {}).items():
+        ctx["say"](f"loss landscape in the plane of the {label} curve ...")
+        a, bend, b = curve.points[0], curve.points[1], curve.points[-1]
+        ctx.setdefault("planes", {})[label] = plane(
+            ctx["template"],
+            [a, b, bend],
+            ctx["splits"].train,
+            grid=cfg.train_plane_grid,
+            curve=curve,
+            device=cfg.device,
+            progress=cfg.progress,
+        )
 
 
 def stage_print(ctx: Context) -> None:
@@ -280,6 +308,7 @@ def stage_report(ctx: Context) -> None:
     import shutil
 
     from .io import atomic_path, atomic_write
+    from .landscape import plot_plane
     from .report import plot_paths
 
     cfg: DemoConfig = ctx["config"]
@@ -299,11 +328,16 @@ def stage_report(ctx: Context) -> None:
         "endpoints": endpoints,
         "barriers": {label: _barriers(ev) for label, ev in paths.items()},
         "paths": {label: ev.to_dict() for label, ev in paths.items()},
+        "planes": {label: res.to_dict() for label, res in ctx.get("planes", {}).items()},
         "time_s": time.perf_counter() - ctx["start"],
     }
     if paths:
         png = plot_paths(paths, out / "path.png", split="test", title="MNIST-1D, test split")
         files.append(str(png))
+    for label, res in ctx.get("planes", {}).items():
+        png_path = out / f"plane_{label.replace('/', '_')}.png"
+        title = f"train loss in the plane of the {label} curve"
+        files.append(plot_plane(res, png_path, title=title, labels=("A", "B", "bend")))
     dest = out / "report.json"
     with atomic_write(dest, "w") as f:
         json.dump(report, f, indent=2, default=str)
@@ -325,6 +359,7 @@ def default_stages() -> list[Stage]:
         stage_linear_path,
         stage_aligned_paths,
         stage_curves,
+        stage_planes,
         stage_print,
         stage_report,
     ]

@@ -33,7 +33,7 @@ import operator
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard, cast
 
 import torch
 import torch.nn.functional as F
@@ -167,7 +167,7 @@ class _Vars:
 Desc = Any
 
 
-def _is_t(d: Desc) -> bool:
+def _is_t(d: Desc) -> TypeGuard[tuple[int, ...]]:
     return isinstance(d, tuple)
 
 
@@ -437,7 +437,7 @@ class _Analysis:
         out_val = self.tr.values.get(node)
         if path in self.tr.opaque:
             return self._opaque_module(node, m, label, "cannot be traced")
-        x = self.arg_desc(node.args[0]) if node.args else None
+        x: Desc = self.arg_desc(node.args[0]) if node.args else None
         for pname in ("weight", "bias"):
             t = getattr(m, pname, None)  # weight_norm / spectral_norm compute it from others
             if isinstance(t, Tensor) and id(t) not in self.param_keys and _is_t(x):
@@ -473,8 +473,9 @@ class _Analysis:
                     self.tie(c, self.pvars(t)[0])
             return x
         if isinstance(m, NORM_LAST_MODULES):
-            k = len(m.normalized_shape)
-            for t in (m.weight, getattr(m, "bias", None)):
+            norm = cast(nn.LayerNorm, m)  # or RMSNorm (no bias): the same attributes
+            k = len(norm.normalized_shape)
+            for t in (norm.weight, getattr(m, "bias", None)):
                 if t is not None:
                     for i, v in enumerate(self.pvars(t)):
                         self.tie(x[len(x) - k + i], v)
@@ -495,7 +496,8 @@ class _Analysis:
             k = len(x) - 2
             return self.spatial(x, k, out_val.shape)
         if isinstance(m, PAD_MODULES):
-            return self.spatial(x, len(m.padding) // 2, out_val.shape)
+            padding = cast(Sequence[int], m.padding)  # every PAD_MODULES class has one
+            return self.spatial(x, len(padding) // 2, out_val.shape)
         if isinstance(m, nn.Flatten | nn.Unflatten):
             return self.reshape(x, out_val.shape, node)
         return self._opaque_module(node, m, label, "no known symmetry")
@@ -741,6 +743,7 @@ class _Analysis:
         if m.in_proj_bias is not None:
             self.tie(self.pvars(m.in_proj_bias)[0], V.structure("sum", [Q, Q, Vv]))
         if m.bias_k is not None:
+            assert m.bias_v is not None  # add_bias_kv sets both
             self.tie(self.pvars(m.bias_k)[-1], Q)
             self.tie(self.pvars(m.bias_v)[-1], Vv)
         Wo = self.pvars(m.out_proj.weight)
@@ -762,8 +765,8 @@ class _Analysis:
             wd = self.fresh(weights.shape)
             if weights.dim() == 4:
                 self.tie(wd[1], h)
-            for t in wd:
-                V.pin(t)  # rows/cols follow query/key positions, never hidden units
+            for u in wd:
+                V.pin(u)  # rows/cols follow query/key positions, never hidden units
             return [res_attn, wd]
         return [res_attn, None]
 
@@ -777,7 +780,9 @@ class _Analysis:
             return self.unknown(node, "scaled_dot_product_attention", "unexpected inputs")
         if (
             node.kwargs.get("enable_gqa")
-            and self.tr.values[args["key"]].shape != self.tr.values[args["query"]].shape
+            # q and k have descriptions, so both are nodes
+            and self.tr.values[cast(fx.Node, args["key"])].shape
+            != self.tr.values[cast(fx.Node, args["query"])].shape
         ):
             return self.unknown(node, "scaled_dot_product_attention", "grouped-query attention")
         n = len(out_val.shape)
@@ -803,9 +808,8 @@ class _Analysis:
             or len(b) == 0
         ):
             return self.unknown(node, _name_of(node.target), "unexpected operands")
-        a2 = a if len(a) > 1 else (None,) + a
-        b2 = b if len(b) > 1 else b + (None,)
-        self.tie(a2[-1], b2[-2])
+        # the contracted axes: a's last, b's second-to-last (its only one for a vector)
+        self.tie(a[-1], b[-2] if len(b) > 1 else b[0])
         a_param = isinstance(anode, fx.Node) and anode.op == "get_attr"
         b_param = isinstance(bnode, fx.Node) and bnode.op == "get_attr"
         if b_param and not a_param:
@@ -858,9 +862,9 @@ class _Analysis:
     def call_op(self, node: fx.Node) -> Desc:
         target = node.target
         name = _name_of(target)
-        out_val = self.tr.values.get(node)
+        out_val: Any = self.tr.values.get(node)
         args = node.args
-        x = self.arg_desc(args[0]) if args else None
+        x: Desc = self.arg_desc(args[0]) if args else None
 
         if target is operator.getitem:
             return self.getitem(node, x)
@@ -1039,10 +1043,10 @@ class _Analysis:
         if name in _BINARY or (name in ("max", "min") and len(self._tensor_args(node)) == 2):
             tens = self._tensor_args(node)
             if isinstance(out_val, Tensor):
-                out = self.broadcast(tens, out_val.shape)
+                res = self.broadcast(tens, out_val.shape)
                 if name in ("add", "iadd", "add_") and len(tens) > 1:
-                    self.residual.update(out)  # a residual stream (names the group "….stream")
-                return out
+                    self.residual.update(res)  # a residual stream (names the group "….stream")
+                return res
             return self.unknown(node, name)
         if name in _REDUCE or name in ("max", "min", "norm"):
             return self.reduce(node, x, name, out_val)
@@ -1077,14 +1081,16 @@ class _Analysis:
         probe = torch.empty(probe_shape, device="meta")
         try:
             if node.op == "call_function" and _name_of(node.target) == "getattr":
-                res = getattr(probe, node.args[1])
+                res = getattr(probe, str(node.args[1]))
             else:
                 rest = self.value(node.args[1:])
                 kw = self.value(dict(node.kwargs))
                 if node.op == "call_method":
-                    res = getattr(probe, node.target)(*rest, **kw)
-                else:
+                    res = getattr(probe, str(node.target))(*rest, **kw)
+                elif callable(node.target):
                     res = node.target(probe, *rest, **kw)
+                else:
+                    return None
             return [probe_shape.index(s) for s in res.shape]
         except Exception:  # noqa: BLE001 - any failure: unknown op
             return None

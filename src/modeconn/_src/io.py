@@ -263,7 +263,7 @@ class Checkpoint:
         net = resolve(name, **kwargs)
         load_state_into(net, self.state, where=self.path)
         net.eval()
-        net.modeconn_meta = self.meta
+        net.modeconn_meta = self.meta  # type: ignore[assignment]  # nn.Module.__setattr__ is typed for tensors/modules
         return net
 
 
@@ -451,6 +451,6 @@ def load_model(
         net = copy.deepcopy(model)
         load_state_into(net, ck.state, where=ck.path)
         net.eval()
-        net.modeconn_meta = ck.meta
+        net.modeconn_meta = ck.meta  # type: ignore[assignment]  # nn.Module.__setattr__ is typed for tensors/modules
         return net
     return ck.build(model, **dict(model_kwargs or {}))

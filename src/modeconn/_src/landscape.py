@@ -598,21 +598,24 @@ def plot_plane(
 
     if metric not in ("loss", "error"):
         raise ConfigError(f"metric must be 'loss' or 'error', got {metric!r}")
-    z = result.loss if metric == "loss" else 1.0 - result.accuracy
-    z = z.numpy()
+    z = (result.loss if metric == "loss" else 1.0 - result.accuracy).numpy()
     fig = Figure(figsize=(5.5, 4.5))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     zmin = max(float(z.min()), 1e-6)
     if metric == "loss" and float(z.max()) > zmin:
         import numpy as np
+        from matplotlib.colors import LogNorm
 
         lv = np.geomspace(zmin, float(z.max()), levels)
+        # log-spaced levels need a log colour norm, or every level below the top few is dark
         cs = ax.contourf(result.xs.numpy(), result.ys.numpy(), np.maximum(z, zmin), levels=lv,
-                         cmap="viridis", locator=None)
+                         cmap="viridis", norm=LogNorm(vmin=zmin, vmax=float(z.max())))
     else:
         cs = ax.contourf(result.xs.numpy(), result.ys.numpy(), z, levels=levels, cmap="viridis")
-    fig.colorbar(cs, ax=ax, label=metric)
+    bar = fig.colorbar(cs, ax=ax, label=metric)
+    ticks = list(cs.levels)[::3]  # an array at runtime; typed Iterable[float]
+    bar.set_ticks(ticks, labels=[f"{v:.3g}" for v in ticks])
     if result.curve is not None:
         c = result.curve.numpy()
         ax.plot(c[:, 0], c[:, 1], color="white", lw=2, label="curve")
@@ -622,7 +625,12 @@ def plot_plane(
         ax.annotate(name, (px, py), textcoords="offset points", xytext=(4, 4), color="white")
     ax.set_xlabel("e1")
     ax.set_ylabel("e2")
-    ax.set_aspect("equal" if not math.isclose(result.basis.dy, 0.0) else "auto")
+    # equal axes show true distances; a very flat plane (bend close to the line) would be a
+    # sliver, so beyond 3:1 the axes scale independently (the ticks still give the distances)
+    width = float(result.xs[-1] - result.xs[0])
+    height = float(result.ys[-1] - result.ys[0])
+    flat = math.isclose(result.basis.dy, 0.0) or height < width / 3
+    ax.set_aspect("auto" if flat else "equal")
     if title:
         ax.set_title(title)
     with atomic_path(path) as tmp:

@@ -6,6 +6,9 @@ import contextlib
 from collections.abc import Callable, Iterator
 
 
+def _no_advance(text: str | None = None) -> None:
+    """The ``advance`` of a bar that is not drawn."""
+
 @contextlib.contextmanager
 def progress_bar(
     enabled: bool, *, total: int, description: str = "working"
@@ -30,14 +33,14 @@ def progress_bar(
         ...         advance(None)
     """
     if not enabled:
-        yield lambda text=None: None
+        yield _no_advance
         return
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     console = Console(stderr=True)
     if not console.is_terminal:  # rich would only leave a stray blank line behind
-        yield lambda text=None: None
+        yield _no_advance
         return
     with Progress(
         TextColumn("{task.description}"),
@@ -50,8 +53,7 @@ def progress_bar(
         task = bar.add_task(description, total=total)
 
         def advance(text: str | None = None) -> None:
-            bar.update(
-                task, advance=1, **({"description": f"{description}: {text}"} if text else {})
-            )
+            # rich keeps the current description when given None.
+            bar.update(task, advance=1, description=f"{description}: {text}" if text else None)
 
         yield advance

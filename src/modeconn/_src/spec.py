@@ -304,7 +304,7 @@ def _compact(d: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in d.items() if k not in defaults or defaults[k] != v}
 
 
-class Permutation(dict):  # type: ignore[type-arg]  # dict[str, Tensor] with a .info side channel
+class Permutation(dict[str, Tensor]):  # with a .info side channel
     """``{group name: LongTensor}``; ``p[g][i]`` is the unit of B placed at position ``i``.
 
     ``info`` carries what the method that produced it measured (objective, iterations, ...).

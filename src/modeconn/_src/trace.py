@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import inspect
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -187,7 +187,15 @@ class _Tracer(fx.Tracer):
         return super().getattr(attr, attr_val, parameter_proxy_cache)
 
     # --- proxies that carry example values -----------------------------------------------------
-    def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):  # noqa: ANN001, ANN201
+    def create_node(
+        self,
+        kind: str,
+        target: fx.node.Target,
+        args: tuple[fx.node.Argument, ...],
+        kwargs: dict[str, fx.node.Argument],
+        name: str | None = None,
+        type_expr: Any | None = None,
+    ) -> fx.Node:
         node = super().create_node(kind, target, args, kwargs, name, type_expr)
         if kind == "get_attr" and node not in self.values:  # parameters, buffers, constants
             was, self.computing = self.computing, True  # plain attribute access, no proxies
@@ -204,15 +212,22 @@ class _Tracer(fx.Tracer):
         return _ValueProxy(node, self)
 
     def create_proxy(
-        self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None
-    ):  # noqa: ANN001, ANN201, E501
+        self,
+        kind: str,
+        target: fx.node.Target,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        name: str | None = None,
+        type_expr: Any | None = None,
+        proxy_factory_fn: Callable[[fx.Node], fx.Proxy] | None = None,
+    ) -> fx.Proxy:
         p = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
         node = p.node
         if kind == "output":
             return p
         if kind == "placeholder":
             # concrete (defaulted) arguments become placeholders named like "mask_1"
-            self.values[node] = self.inputs.get(target, node.args[0] if node.args else None)
+            self.values[node] = self.inputs.get(str(target), node.args[0] if node.args else None)
             return p
         a, kw = _to_value(self, node.args), _to_value(self, node.kwargs)
         self.computing = True
@@ -241,8 +256,9 @@ class _Tracer(fx.Tracer):
     def to_bool(self, obj: fx.Proxy) -> bool:
         return bool(self.values[obj.node])
 
-    def iter(self, obj: fx.Proxy) -> Iterable[Any]:
-        return iter([obj[i] for i in range(len(self.values[obj.node]))])
+    def iter(self, obj: fx.Proxy) -> Iterator[Any]:
+        n = len(self.values[obj.node])
+        return iter([obj[i] for i in range(n)])  # type: ignore[index]  # fx adds Proxy's operators at runtime
 
     def keys(self, obj: fx.Proxy) -> Any:
         return self.values[obj.node].keys()
@@ -322,7 +338,7 @@ def traced_root(
 class _FunctionApply:
     """Graph target for a custom ``torch.autograd.Function``: ``Fn.apply(*args)``, one opaque op."""
 
-    def __init__(self, fn: type) -> None:
+    def __init__(self, fn: type[torch.autograd.Function]) -> None:
         self.fn = fn
         self.__name__ = f"{fn.__name__}_apply"
 
@@ -336,7 +352,7 @@ class _FunctionApply:
 def _patch_autograd_function(tracer: _Tracer) -> Any:
     orig = torch.autograd.Function.__dict__["apply"]
 
-    def apply(cls: type, *args: Any, **kwargs: Any) -> Any:
+    def apply(cls: type[torch.autograd.Function], *args: Any, **kwargs: Any) -> Any:
         has_proxy = any(isinstance(a, fx.Proxy) for a in (*args, *kwargs.values()))
         if has_proxy and not tracer.computing:
             return tracer.create_proxy("call_function", _FunctionApply(cls), args, kwargs)

@@ -68,7 +68,7 @@ _register("curve", _paths.curve)
 _register("evaluate", _paths.evaluate)
 
 
-def _one_line(text: str) -> str:
+def _one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 
@@ -116,13 +116,14 @@ def main() -> None:
         raise SystemExit(2) from None
     except Exception as e:  # noqa: BLE001 - click usage errors land here in non-standalone mode
         if isinstance(e, no_args):
-            e.show()
+            e.show()  # type: ignore[attr-defined]  # click's or typer's bundled click
             raise SystemExit(2) from None
         if isinstance(e, usage_errors):
             print(_usage_error(e), file=sys.stderr)
             raise SystemExit(2) from None
         if isinstance(e, click_errors):
-            print(f"error: {_one_line(e.format_message())}", file=sys.stderr)
+            msg = e.format_message()  # type: ignore[attr-defined]  # click's or typer's bundled click
+            print(f"error: {_one_line(msg)}", file=sys.stderr)
             raise SystemExit(2) from None
         raise
     # non-standalone typer returns an exit code instead of raising (130 for a Ctrl-C that hit

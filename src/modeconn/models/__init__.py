@@ -150,7 +150,7 @@ def create(name: str, *, seed: int | None = None, **kwargs: Any) -> nn.Module:
         and p.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)
     }
     full.update({k: _jsonable(v) for k, v in kwargs.items()})
-    model.modeconn_config = {"name": name, "kwargs": full}
+    model.modeconn_config = {"name": name, "kwargs": full}  # type: ignore[assignment]  # nn.Module.__setattr__ is typed for tensors/modules
     return model
 
 
@@ -184,7 +184,7 @@ def resolve(spec: str, **kwargs: Any) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model factory {spec!r} returned {type(model).__name__}, not nn.Module")
     if not hasattr(model, "modeconn_config"):
-        model.modeconn_config = {
+        model.modeconn_config = {  # type: ignore[assignment]  # nn.Module.__setattr__ is typed for tensors/modules
             "name": spec,
             "kwargs": {k: _jsonable(v) for k, v in kwargs.items()},
         }

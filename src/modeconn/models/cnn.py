@@ -51,7 +51,9 @@ class CNN(nn.Module):
         self.in_shape = (1, *shape) if len(shape) == 2 else shape
         self.act = get_activation(activation)
         c, h, w = self.in_shape
-        convs, norms, pools = [], [], []
+        convs: list[nn.Module] = []
+        norms: list[nn.Module] = []
+        pools: list[nn.Module] = []
         for i in range(depth):
             out = width * 2 ** min(i, 3)
             convs.append(nn.Conv2d(c, out, 3, padding=1))

@@ -63,7 +63,7 @@ class StreamingCorrelation:
             raise ValueError(f"paired activations have {a.shape[0]} and {b.shape[0]} rows")
         a = a.to(self.cross.device, self.cross.dtype)
         b = b.to(self.cross.device, self.cross.dtype)
-        if self.shift_a is None:
+        if self.shift_a is None or self.shift_b is None:  # both are set together
             self.shift_a, self.shift_b = a.mean(0), b.mean(0)
         a = a - self.shift_a
         b = b - self.shift_b

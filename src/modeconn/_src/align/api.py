@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 from torch import Tensor, nn
@@ -119,6 +119,48 @@ def _example_from_model(model: nn.Module) -> Tensor:
             "example_inputs= or spec="
         )
     return torch.zeros(2, *tuple(shape), device=model_device(model))
+
+
+@overload
+def align(
+    model_a: nn.Module,
+    model_b: nn.Module,
+    *,
+    method: str = ...,
+    data: DataLike | None = ...,
+    spec: PermutationSpec | None = ...,
+    example_inputs: Any = ...,
+    return_permutation: Literal[False] = ...,
+    **kwargs: Any,
+) -> nn.Module: ...
+
+
+@overload
+def align(
+    model_a: nn.Module,
+    model_b: nn.Module,
+    *,
+    method: str = ...,
+    data: DataLike | None = ...,
+    spec: PermutationSpec | None = ...,
+    example_inputs: Any = ...,
+    return_permutation: Literal[True],
+    **kwargs: Any,
+) -> tuple[nn.Module, Permutation]: ...
+
+
+@overload
+def align(
+    model_a: nn.Module,
+    model_b: nn.Module,
+    *,
+    method: str = ...,
+    data: DataLike | None = ...,
+    spec: PermutationSpec | None = ...,
+    example_inputs: Any = ...,
+    return_permutation: bool,
+    **kwargs: Any,
+) -> nn.Module | tuple[nn.Module, Permutation]: ...
 
 
 def align(

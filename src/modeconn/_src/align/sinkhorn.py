@@ -226,7 +226,7 @@ def sinkhorn_matching(
     opt = torch.optim.Adam(list(stacks.values()), lr=lr)
 
     def soft_perms() -> dict[str, Tensor]:
-        out = {}
+        out: dict[str, Tensor] = {}
         for n, names in buckets.items():
             m = stacks[n]
             if n in masks:
@@ -238,7 +238,7 @@ def sinkhorn_matching(
     touched = [k for k in sorted(spec.params()) if state_a[k].is_floating_point()]
 
     def weight_distance(permuted_b: Mapping[str, Tensor]) -> Tensor:
-        return sum(((state_a[k] - permuted_b[k]) ** 2).sum() for k in touched)  # type: ignore[return-value]
+        return sum(((state_a[k] - permuted_b[k]) ** 2).sum() for k in touched)
 
     batches = None
     net = None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +40,11 @@ def fresh_buffers(state: Mapping[str, Tensor], names: set[str]) -> dict[str, Ten
 
 def _perm_key(perm: Mapping[str, Tensor]) -> tuple[tuple[str, bytes], ...]:
     return tuple((g, perm[g].cpu().numpy().tobytes()) for g in sorted(perm))
+
+
+class _Best(TypedDict):
+    perm: Permutation
+    loss: float
 
 
 def ste_matching(
@@ -178,7 +183,7 @@ def ste_matching(
         return {**state_a, **{k: t.detach() for k, t in theta.items()}}
 
     perm = weight_matching(spec, current_state(), state_b, max_iter=max_iter, seed=seed, device=dev)
-    best = {"perm": perm, "loss": score(perm)}
+    best: _Best = {"perm": perm, "loss": score(perm)}
     wm_loss = best["loss"]
     seen = {_perm_key(perm)}
 
@@ -193,7 +198,7 @@ def ste_matching(
             seen.add(key)
             loss_p = score(new)
             if loss_p < best["loss"]:
-                best.update(perm=new, loss=loss_p)
+                best.update({"perm": new, "loss": loss_p})
         return new
 
     losses: list[float] = []
@@ -225,7 +230,7 @@ def ste_matching(
     if step > 0:
         rematch(perm, step)  # the permutation after the last update
     return Permutation(
-        {g: t.cpu() for g, t in best["perm"].items()},  # type: ignore[union-attr]
+        {g: t.cpu() for g, t in best["perm"].items()},
         info={
             "method": "ste",
             "loss": best["loss"],

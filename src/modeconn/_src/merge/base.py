@@ -57,6 +57,11 @@ class Params(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+# Inside MergeMethod's body the class attribute ``Params`` shadows this class; annotations there
+# name it through this alias.
+_BaseParams = Params
+
+
 @dataclass
 class MergeInputs:
     """Everything a method may use besides the states and its parameters.
@@ -110,7 +115,7 @@ class MergeMethod(ABC):
     :meth:`run`.
     """
 
-    Params: ClassVar[type[Params]] = Params
+    Params: ClassVar[type[_BaseParams]] = Params
     needs_data: ClassVar[bool] = False
     needs_base: ClassVar[bool] = False
     min_models: ClassVar[int] = 1
@@ -137,7 +142,7 @@ class MergeMethod(ABC):
             need = f"{lo} to {hi}"
         raise ConfigError(f"method {self.name!r} merges {need} models, got {n}")
 
-    def parameters(self, **params: Any) -> Params:
+    def parameters(self, **params: Any) -> _BaseParams:
         """Validate ``params`` against :attr:`Params`; bad ones raise a one-line ConfigError."""
         try:
             return self.Params(**params)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -175,13 +176,13 @@ def fisher_weighted_average(
     w = [1.0] * len(states) if weights is None else [float(x) for x in weights]
     scales = [1.0] * len(states)
     if normalize:
-        scales = [1.0 / max(float(torch.sqrt(sum(f.double().pow(2).sum() for f in fi.values()))),
+        scales = [1.0 / max(math.sqrt(float(sum(f.double().pow(2).sum() for f in fi.values()))),
                             1e-30) for fi in fishers]
 
     def combine(key: str, ts: list[Tensor]) -> Tensor:
         dt = compute_dtype(ts[0])
         if key not in fishers[0]:
-            num = sum(wi * t.to(dt) for wi, t in zip(w, ts, strict=True))
+            num = cast(Tensor, sum(wi * t.to(dt) for wi, t in zip(w, ts, strict=True)))  # n >= 1
             return num / sum(w)
         num = torch.zeros_like(ts[0], dtype=dt)
         den = torch.zeros_like(ts[0], dtype=dt)

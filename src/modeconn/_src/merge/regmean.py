@@ -53,7 +53,7 @@ def regmean_layers(model: nn.Module) -> dict[str, nn.Module]:
         >>> list(regmean_layers(nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))))
         ['0', '2']
     """
-    out = {}
+    out: dict[str, nn.Module] = {}
     for name, mod in model.named_modules():
         if isinstance(mod, nn.Linear) or (
             isinstance(mod, nn.Conv1d | nn.Conv2d) and mod.groups == 1

@@ -35,9 +35,10 @@ class GreedySoupMerge(MergeMethod):
     def run(self, states: Sequence[Mapping[str, Tensor]], params: SoupParams,
             inputs: MergeInputs) -> State:
         assert inputs.model is not None
+        model = inputs.model
 
         def accuracy(state: Mapping[str, Tensor]) -> float:
-            return evaluate(inputs.model, inputs.data, state=state, device=inputs.device,
+            return evaluate(model, inputs.data, state=state, device=inputs.device,
                             batch_size=params.batch_size).accuracy
 
         def soup(members: list[int]) -> State:

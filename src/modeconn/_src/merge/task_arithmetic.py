@@ -20,7 +20,7 @@ and DARE with ``consensus=True`` take the disjoint mean.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from pydantic import Field
@@ -250,7 +250,7 @@ class GeneralizedTaskArithmetic(MergeMethod):
             if consensus:  # TIES steps 2-3: elect sign, disjoint merge
                 tau = disjoint_merge(taus, w, normalize)
             else:
-                tau = sum(c * t for c, t in zip(coef, taus, strict=True))
+                tau = cast(Tensor, sum(c * t for c, t in zip(coef, taus, strict=True)))  # n >= 1
             return b + params.scale * tau
 
         # Statistics are averaged with |w_i| (task negation, w_i < 0, must not negate a variance).

@@ -251,7 +251,9 @@ def _cache(data: DataLike, dev: torch.device, batch_size: int) -> list[tuple[Ten
 
 
 @torch.no_grad()
-def _measure(net: nn.Module, state: Mapping[str, Tensor] | None, batches) -> tuple[float, float]:
+def _measure(
+    net: nn.Module, state: dict[str, Tensor] | None, batches: list[tuple[Tensor, Tensor]]
+) -> tuple[float, float]:
     total, correct, n = 0.0, 0, 0
     for x, y in batches:
         out = net(x) if state is None else torch.func.functional_call(net, state, (x,))
@@ -327,7 +329,10 @@ def evaluate_path(
     if bn:
         # Pre-batched and on the device: reset_bn iterates it at every t without re-collating.
         bn_batches = next((c for n, c in cached.items() if named[n] is bn_data), None)
-        bn_loader = DataLoader(bn_batches or _cache(bn_data, dev, batch_size), batch_size=None)
+        bn_loader: DataLoader[tuple[Tensor, Tensor]] = DataLoader(
+            bn_batches or _cache(bn_data, dev, batch_size),  # type: ignore[arg-type]  # a list is a map-style dataset
+            batch_size=None,
+        )
 
     net = copy.deepcopy(model).to(dev).eval()
     work = copy.deepcopy(net) if bn else net  # θ(t) is loaded here before each BN reset

@@ -388,6 +388,7 @@ def pam_align(
         ):
             torch.manual_seed(seed)  # dropout and input_transform draws: reproducible
             for epoch in range(epochs if opt is not None else 0):
+                assert opt is not None
                 total, n = 0.0, 0
                 for x, y in loader:
                     x, y = x.to(dev), y.to(dev)
