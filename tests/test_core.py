@@ -81,3 +81,19 @@ def test_evaluate_with_state_equals_loading_the_state():
     assert direct.loss == pytest.approx(manual, rel=1e-5)
     loaded = with_state(model, other.state_dict())
     assert torch.equal(loaded(x), other(x)) and loaded is not model
+
+
+def test_evaluate_input_transform_sees_the_forward_and_replaces_the_batch():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    x, y = torch.randn(20, 4), torch.randint(0, 3, (20,))
+    seen = []
+
+    def zero_inputs(forward, xb, yb):
+        seen.append(forward(xb).shape)  # the forward works (with gradients) inside the hook
+        return torch.zeros_like(xb)
+
+    via_hook = evaluate(model, (x, y), input_transform=zero_inputs, batch_size=8)
+    direct = evaluate(model, (torch.zeros_like(x), y))
+    assert seen == [torch.Size([8, 3]), torch.Size([8, 3]), torch.Size([4, 3])]
+    assert via_hook.loss == pytest.approx(direct.loss) and via_hook.accuracy == direct.accuracy

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import Tensor, nn
 
-from .errors import ConfigError, DataError
-from .evaluation import DataLike, Metrics, as_loader, model_device, resolve_device
+from .errors import ConfigError
+from .evaluation import DataLike, Metrics, evaluate
 
 
 class PGDConfig(BaseModel):
@@ -147,25 +147,8 @@ def robust_evaluate(
         8
     """
     cfg = PGDConfig.coerce(pgd)
-    dev = resolve_device(device) if device is not None else model_device(model)
-    if state is not None:
-        state = {k: v.to(dev) for k, v in state.items()}
-    forward = _forward(model, state)
     gen = torch.Generator().manual_seed(seed)
-    was_training = model.training
-    model.eval()
-    total, correct, n = 0.0, 0, 0
-    try:
-        for x, y in as_loader(data, batch_size=batch_size):
-            x, y = x.to(dev), y.to(dev)
-            x_adv = _pgd(forward, x, y, cfg, gen)
-            with torch.no_grad():
-                out = forward(x_adv)
-            total += float(F.cross_entropy(out, y, reduction="sum"))
-            correct += int((out.argmax(-1) == y).sum())
-            n += len(y)
-    finally:
-        model.train(was_training)
-    if n == 0:
-        raise DataError("cannot evaluate on an empty dataset")
-    return Metrics(total / n, correct / n, n)
+    return evaluate(
+        model, data, state=state, device=device, batch_size=batch_size,
+        input_transform=lambda forward, x, y: _pgd(forward, x, y, cfg, gen),
+    )

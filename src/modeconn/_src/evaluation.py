@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -141,7 +141,6 @@ class Metrics:
         return {"loss": self.loss, "accuracy": self.accuracy, "n": self.n}
 
 
-@torch.no_grad()
 def evaluate(
     model: nn.Module,
     data: DataLike,
@@ -149,6 +148,7 @@ def evaluate(
     state: Mapping[str, Tensor] | None = None,
     device: str | torch.device | None = None,
     batch_size: int = 1024,
+    input_transform: Callable[[Callable[[Tensor], Tensor], Tensor, Tensor], Tensor] | None = None,
 ) -> Metrics:
     """Loss and accuracy of ``model`` (in eval mode) on ``data``.
 
@@ -158,6 +158,8 @@ def evaluate(
         state: evaluate these weights instead of the model's own (``torch.func.functional_call``).
         device: where to run (default: the model's device).
         batch_size: for a Dataset/tuple.
+        input_transform: ``(forward, x, y) -> x'`` applied to each batch before the measured
+            forward pass, with gradients enabled (PGD inputs: ``robust_evaluate``).
 
     Returns:
         :class:`Metrics`.
@@ -172,11 +174,21 @@ def evaluate(
     model.eval()
     if state is not None:
         state = {k: v.to(dev) for k, v in state.items()}
+    params = state
+
+    def forward(inp: Tensor) -> Tensor:
+        if params is None:
+            return model(inp)
+        return torch.func.functional_call(model, params, (inp,))
+
     total_loss, correct, n = 0.0, 0, 0
     try:
         for x, y in as_loader(data, batch_size=batch_size):
             x, y = x.to(dev), y.to(dev)
-            out = model(x) if state is None else torch.func.functional_call(model, state, (x,))
+            if input_transform is not None:
+                x = input_transform(forward, x, y)
+            with torch.no_grad():
+                out = forward(x)
             total_loss += float(F.cross_entropy(out, y, reduction="sum"))
             correct += int((out.argmax(-1) == y).sum())
             n += len(y)
