@@ -81,21 +81,23 @@ def _usage_error(e: Any) -> str:
 
 def main() -> None:
     """Console entry point: run the app; bad input becomes one line on stderr and exit code 2."""
-    import click
+    import importlib
 
     from .._src.errors import ModeconnError
 
-    click_errors: tuple[type, ...] = (click.exceptions.ClickException,)
-    usage_errors: tuple[type, ...] = (click.exceptions.UsageError,)
-    no_args: tuple[type, ...] = (click.exceptions.NoArgsIsHelpError,)
-    try:  # typer >= 0.20 vendors its own copy of click
-        from typer._click import exceptions as _tc
-
-        click_errors += (_tc.ClickException,)
-        usage_errors += (_tc.UsageError,)
-        no_args += (_tc.NoArgsIsHelpError,)
-    except ImportError:
-        pass
+    # typer >= 0.20 vendors its own copy of click; older typers use the click package. Catch the
+    # exceptions of whichever is importable (a plain install has only typer's).
+    click_errors: tuple[type, ...] = ()
+    usage_errors: tuple[type, ...] = ()
+    no_args: tuple[type, ...] = ()
+    for name in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            exc = importlib.import_module(name)
+        except ImportError:
+            continue
+        click_errors += (exc.ClickException,)
+        usage_errors += (exc.UsageError,)
+        no_args += (exc.NoArgsIsHelpError,)
 
     try:
         rv = app(standalone_mode=False)
