@@ -11,7 +11,6 @@ import contextlib
 import importlib
 import inspect
 import numbers
-import re
 from collections.abc import Callable
 from typing import Any
 
@@ -19,11 +18,11 @@ import torch
 from torch import nn
 
 from .._src.errors import ConfigError
+from .._src.registry import Registry
 
 ModelFactory = Callable[..., nn.Module]
 
-_REGISTRY: dict[str, ModelFactory] = {}
-_NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+_REGISTRY: Registry[ModelFactory] = Registry("model")
 _BUILTINS = ("mlp", "cnn1d", "cnn", "resnet", "transformer")
 
 
@@ -41,18 +40,8 @@ def register(name: str) -> Callable[[ModelFactory], ModelFactory]:
         ... def tiny(input_shape=(4,), num_classes=10):
         ...     return nn.Sequential(nn.Flatten(), nn.Linear(4, num_classes))
     """
-    if not isinstance(name, str) or not _NAME_RE.match(name):
-        raise ConfigError(
-            f"model name {name!r} is invalid: use a lowercase identifier like 'my_mlp'"
-        )
-    if name in _REGISTRY:
-        raise ConfigError(f"model name {name!r} is already registered; pick another name")
-
-    def deco(factory: ModelFactory) -> ModelFactory:
-        _REGISTRY[name] = factory
-        return factory
-
-    return deco
+    _REGISTRY.check_free(name)  # a bad or taken name fails here, before the factory is defined
+    return _REGISTRY.decorator(name)
 
 
 def names() -> list[str]:
@@ -122,9 +111,7 @@ def create(name: str, *, seed: int | None = None, **kwargs: Any) -> nn.Module:
         >>> m(torch.zeros(2, 40)).shape
         torch.Size([2, 10])
     """
-    if name not in _REGISTRY:
-        raise ConfigError(f"unknown model {name!r}; known models: {', '.join(names())}")
-    factory = _REGISTRY[name]
+    factory = _REGISTRY.get(name)
     params = inspect.signature(factory).parameters
     has_var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     unknown = [k for k in kwargs if k not in params]

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..evaluation import DataLike, as_loader
+from ..registry import Registry
 
 State = dict[str, Tensor]
 
@@ -175,7 +176,7 @@ def _one_line(e: ValidationError) -> str:
     return f"{loc}: {msg}{more}"
 
 
-_REGISTRY: dict[str, MergeMethod] = {}
+_REGISTRY: Registry[MergeMethod] = Registry("merge method")
 
 
 def register(method: MergeMethod) -> MergeMethod:
@@ -192,10 +193,7 @@ def register(method: MergeMethod) -> MergeMethod:
         ...     def run(self, states, params, inputs): return dict(states[0])
         >>> register(Mine("first", Reference("me", 2024, "https://example.org")))  # doctest: +SKIP
     """
-    if method.name in _REGISTRY and _REGISTRY[method.name] is not method:
-        raise ConfigError(f"merge method {method.name!r} is registered twice")
-    _REGISTRY[method.name] = method
-    return method
+    return _REGISTRY.register(method.name, method)
 
 
 def method_names() -> list[str]:
@@ -205,16 +203,12 @@ def method_names() -> list[str]:
         >>> "average" in method_names()  # doctest: +SKIP
         True
     """
-    return list(_REGISTRY)
+    return _REGISTRY.names()
 
 
 def get_method(name: str) -> MergeMethod:
     """The method registered as ``name``; an unknown name raises ConfigError listing them all."""
-    if name not in _REGISTRY:
-        raise ConfigError(
-            f"unknown merge method {name!r}; choose one of: {', '.join(method_names())}"
-        )
-    return _REGISTRY[name]
+    return _REGISTRY.get(name)
 
 
 # --- per-tensor helpers -----------------------------------------------------------------------

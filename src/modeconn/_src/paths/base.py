@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from ..errors import IncompatibleModelsError
+from ..registry import Registry
 from ..state import check_compatible, combine
 
 State = dict[str, Tensor]
@@ -163,15 +164,13 @@ def _check_t(t: float) -> float:
     return t
 
 
-REGISTRY: dict[str, type[Path]] = {}
+REGISTRY: Registry[type[Path]] = Registry("path kind")
 
 
 def register(cls: type[Path]) -> type[Path]:
-    """Class decorator: make a path kind loadable by name (``cls.kind``)."""
-    if not cls.kind or cls.kind in REGISTRY:
-        raise ValueError(f"path kind {cls.kind!r} is empty or registered twice")
-    REGISTRY[cls.kind] = cls
-    return cls
+    """Class decorator: make a path kind loadable by name (``cls.kind``, taken once)."""
+    REGISTRY.check_free(cls.kind)
+    return REGISTRY.register(cls.kind, cls)
 
 
 @register
