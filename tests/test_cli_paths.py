@@ -99,7 +99,7 @@ def test_curve_writes_its_folder_resumes_and_evaluates(checkpoints, run_cli):
     [
         (["curve", "{a}", "{b}", "--kind", "spline"], "--kind 'spline'"),
         (["curve", "{a}", "{b}", "--align", "magic"], "--align 'magic'"),
-        (["interpolate", "{a}", "{b}", "--align", "pam"], "--align 'pam'"),
+        (["interpolate", "{a}", "{b}", "--align", "pam2"], "--align 'pam2'"),
         (["interpolate", "{a}", "{missing}"], "does not exist"),
         (["evaluate", "{missing}"], "no path file"),
         (["interpolate", "{a}", "{b}", "--points", "1"], "--points"),

@@ -11,15 +11,15 @@ from torch import nn
 
 import modeconn as mc
 from modeconn._src.align.api import resolve_spec
-from modeconn._src.errors import ConfigError
-from modeconn._src.evaluation import with_state
-from modeconn._src.paths.pam import (
+from modeconn._src.align.pam import (
     birkhoff_decomposition,
     pam_align,
     pam_objective,
     pam_round,
     project_doubly_stochastic,
 )
+from modeconn._src.errors import ConfigError
+from modeconn._src.evaluation import with_state
 
 
 def _spec(model: nn.Module) -> mc.PermutationSpec:

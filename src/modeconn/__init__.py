@@ -44,9 +44,9 @@ from ._src.infer import capture_sites, infer_spec
 
 # --- alignment ---------------------------------------------------------------------------------
 from ._src.align import align, align_states, aligner_names, merge_many, register_aligner
+from ._src.align import Aligner, AlignInputs, get_aligner
 from ._src.align import activation_matching, weight_matching, weight_objective
-from ._src.align.sinkhorn import sinkhorn_matching
-from ._src.align.ste import ste_matching
+from ._src.align import pam_align, sinkhorn_matching, ste_matching
 from ._src.norm import needs_bn_reset, repair, reset_bn, reset_bn_state
 
 # --- paths and curves -----------------------------------------------------------------------
@@ -62,7 +62,6 @@ from ._src.paths import (
 from ._src.report import plot_paths
 from ._src import landscape
 from ._src.paths.ensemble import EnsembleResult, curve_ensemble, evaluate_ensemble, fge
-from ._src.paths.pam import pam_align
 
 # --- merging ---------------------------------------------------------------------------------
 from ._src.merge import MergedState, MergeRecipe, merge, merge_methods
@@ -86,12 +85,13 @@ __all__ = [
     # symmetry: spec inference
     "infer_spec", "capture_sites",
     # alignment
-    "align", "align_states", "aligner_names", "register_aligner", "weight_matching",
+    "align", "align_states", "aligner_names", "register_aligner", "get_aligner", "Aligner",
+    "AlignInputs", "pam_align", "weight_matching",
     "weight_objective", "activation_matching", "ste_matching", "sinkhorn_matching", "merge_many",
     "reset_bn", "reset_bn_state", "needs_bn_reset", "repair",
     # paths and curves
     "LinearPath", "BezierCurve", "PolyChain", "PathEvaluation", "fit_curve", "evaluate_path",
-    "load_path", "plot_paths", "pam_align", "landscape", "EnsembleResult", "curve_ensemble",
+    "load_path", "plot_paths", "landscape", "EnsembleResult", "curve_ensemble",
     "evaluate_ensemble", "fge",
     # merging
     "merge", "merge_methods", "MergedState", "MergeRecipe",

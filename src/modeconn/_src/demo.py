@@ -40,7 +40,9 @@ class DemoConfig:
         lr: peak learning rate.
         points: evaluation points along each path (t evenly spaced in [0, 1]).
         curve_epochs: epochs of curve training (``fast`` uses 4).
-        align: add the aligned linear paths (activation and weight matching).
+        align: add the aligned linear paths (one per method in ``aligners``).
+        aligners: the alignment methods (``mc.aligner_names()``); the first also gives the
+            aligned curve.
         curves: add the learned Bezier curves (unaligned, and aligned when ``align``).
         plane_grid: grid points per axis of the loss-landscape planes of the curves.
         out: report folder.
@@ -60,6 +62,7 @@ class DemoConfig:
     curve_epochs: int = 20
     plane_grid: int = 17
     align: bool = True
+    aligners: tuple[str, ...] = ("activation", "weight")
     curves: bool = True
     out: str = "report"
     fast: bool = False
@@ -187,9 +190,10 @@ def _evaluate(ctx: Context, label: str, path: Any) -> None:
 def stage_aligned_paths(ctx: Context) -> None:
     """Permute B's hidden units onto A's and evaluate the linear path to the aligned B.
 
-    Two aligners: neuron alignment by activation correlation (Li et al. 2016; Tatro et al.,
-    NeurIPS 2020, the seed paper) and weight matching (Ainsworth et al., ICLR 2023).
-    Adds ``ctx["aligned"][method]`` (the permuted copy of B) and one path per method.
+    The aligners of ``config.aligners``; by default neuron alignment by activation correlation
+    (Li et al. 2016; Tatro et al., NeurIPS 2020, the seed paper) and weight matching (Ainsworth
+    et al., ICLR 2023). Adds ``ctx["aligned"][method]`` (the permuted copy of B) and one path
+    per method.
     """
     from .align import align
     from .paths import LinearPath
@@ -199,13 +203,12 @@ def stage_aligned_paths(ctx: Context) -> None:
         return
     a, b = ctx["endpoints"]
     ctx["aligned"] = {}
-    for method in ("activation", "weight"):
-        ctx["say"](f"aligning B onto A ({method} matching) ...")
+    for method in cfg.aligners:
+        ctx["say"](f"aligning B onto A ({method}) ...")
         b_aligned = align(a, b, method=method, data=ctx["splits"].train)
         ctx["aligned"][method] = b_aligned
-        _evaluate(
-            ctx, f"linear/{_SHORT[method]}", LinearPath(a.state_dict(), b_aligned.state_dict())
-        )
+        path = LinearPath(a.state_dict(), b_aligned.state_dict())
+        _evaluate(ctx, f"linear/{_SHORT.get(method, method)}", path)
 
 
 def stage_curves(ctx: Context) -> None:
@@ -218,8 +221,10 @@ def stage_curves(ctx: Context) -> None:
         return
     a, b = ctx["endpoints"]
     pairs = [("bezier", b)]
-    if "activation" in ctx.get("aligned", {}):
-        pairs.append(("bezier/act", ctx["aligned"]["activation"]))
+    aligned = ctx.get("aligned", {})
+    if cfg.aligners and cfg.aligners[0] in aligned:
+        first = cfg.aligners[0]
+        pairs.append((f"bezier/{_SHORT.get(first, first)}", aligned[first]))
     for label, end in pairs:
         ctx["say"](f"learning the {label} curve ({cfg.train_curve_epochs} epochs) ...")
         curve = fit_curve(

@@ -197,3 +197,27 @@ def evaluate(
     if n == 0:
         raise DataError("cannot evaluate on an empty dataset")
     return Metrics(total_loss / n, correct / n, n)
+
+
+# ``input_transform(model_fn, x, y) -> x'``: replaces a minibatch's inputs (e.g. PGD examples);
+# used by curve fitting and PAM.
+InputTransform = Callable[[nn.Module, Tensor, Tensor], Tensor]
+
+
+class AtParams(nn.Module):
+    """``net`` evaluated at fixed ``params`` (``torch.func.functional_call``), as a module.
+
+    Example:
+        >>> net = nn.Linear(2, 1)
+        >>> f = AtParams(net, {"weight": torch.ones(1, 2), "bias": torch.zeros(1)})
+        >>> f(torch.ones(1, 2)).item()
+        2.0
+    """
+
+    def __init__(self, net: nn.Module, params: dict[str, Tensor]):
+        super().__init__()
+        self.net = net
+        self.params = params
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.func.functional_call(self.net, self.params, (x,))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from .errors import ConfigError
@@ -26,6 +27,18 @@ from .errors import ConfigError
 T = TypeVar("T")
 
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+@dataclass(frozen=True)
+class Reference:
+    """Where a registered method comes from: ``paper`` (authors, title), ``year`` and ``url``."""
+
+    paper: str
+    year: int
+    url: str
+
+    def __str__(self) -> str:
+        return f"{self.paper} ({self.year}) {self.url}"
 
 
 class Registry(Mapping[str, T], Generic[T]):

@@ -51,7 +51,11 @@ def command(
     model_b: Annotated[Path, typer.Argument(help="Checkpoint B, to be aligned onto A.")],
     method: Annotated[
         str,
-        typer.Option("--method", help="weight, activation, ste or sinkhorn."),
+        typer.Option(
+            "--method",
+            help="An alignment method: weight, activation, ste, sinkhorn, pam, ot, annealing "
+            "(modeconn.aligner_names()).",
+        ),
     ] = "weight",
     data: DataOpt = None,
     out: Annotated[
@@ -88,8 +92,7 @@ def command(
     alignment (BatchNorm statistics are recomputed at every point).
     """
     import modeconn as mc
-    from modeconn._src.align.api import get_aligner
-    from modeconn._src.errors import ConfigError
+    from modeconn import ConfigError
 
     out = check_out_path(out, suffixes=(".safetensors", ".pt", ".pth"))
     if json_path is not None:
@@ -98,10 +101,12 @@ def command(
         raise ConfigError(f"--points must be >= 2, got {points}")
     if restarts < 1:
         raise ConfigError(f"--restarts must be >= 1, got {restarts}")
-    get_aligner(method)  # unknown method: one clear line before any work
+    aligner = mc.get_aligner(method)  # unknown method: one clear line before any work
+    if restarts != 1 and not aligner.accepts("n_restarts"):
+        raise ConfigError(f"--restarts applies to weight matching, not to method {method!r}")
     spec = None
     if spec_path is not None:
-        from modeconn._src.errors import SpecError
+        from modeconn import SpecError
 
         try:
             spec = mc.PermutationSpec.from_json(spec_path.read_text())
@@ -109,13 +114,12 @@ def command(
             raise SpecError(f"cannot read the spec {str(spec_path)!r}: {e}") from e
     net_a = load_model_arg(model_a, model, model_arg, device=device)
     net_b = load_model_arg(model_b, model, model_arg, device=device)
-    needs_data = method != "weight" or barrier
+    needs_data = aligner.needs_data or barrier
     splits = load_data_arg(data, net_a, net_b) if (needs_data or data) else None
-    kwargs: dict[str, Any] = {"progress": progress}
-    if method == "weight":
-        kwargs.update(seed=seed, n_restarts=restarts)
-    elif method == "activation":
-        kwargs.update(seed=seed, device=device)
+    shared = {"progress": progress, "seed": seed, "device": device, "n_restarts": restarts}
+    kwargs: dict[str, Any] = {k: v for k, v in shared.items() if aligner.accepts(k)}
+    if restarts == 1:
+        kwargs.pop("n_restarts", None)
     aligned, perm = mc.align(
         net_a,
         net_b,

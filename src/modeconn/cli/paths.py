@@ -112,11 +112,15 @@ def _print_per_t(ev: Any) -> None:
     print_table("along the path", ["t", "train loss", "test loss", "test accuracy"], rows)
 
 
-def _check_align(align: str | None, allowed: tuple[str, ...]) -> None:
-    from modeconn._src.errors import ConfigError
+def _check_align(align: str | None) -> None:
+    """An unknown --align name: one line listing the registered aligners, before any work."""
+    import modeconn as mc
 
-    if align is not None and align not in allowed:
-        raise ConfigError(f"--align {align!r} is not one of {', '.join(allowed)}")
+    if align is not None and align not in mc.aligner_names():
+        raise mc.ConfigError(
+            f"--align {align!r} is not an alignment method; choose one of: "
+            + ", ".join(mc.aligner_names())
+        )
 
 
 def interpolate(
@@ -125,7 +129,7 @@ def interpolate(
     data: DataOpt = None,
     points: PointsOpt = 25,
     align: Annotated[
-        str | None, typer.Option("--align", help="Permute B onto A first: weight or activation.")
+        str | None, typer.Option("--align", help="Permute B onto A first: an aligner name.")
     ] = None,
     plot: PlotOpt = None,
     eps: EpsOpt = 0.0,
@@ -145,7 +149,7 @@ def interpolate(
     """
     import modeconn as mc
 
-    _check_align(align, ("weight", "activation"))
+    _check_align(align)
     for p in (json_path, plot):
         if p is not None:
             check_out_path(p)
@@ -154,7 +158,8 @@ def interpolate(
     net_b = load_model_arg(model_b, model, model_arg, device=device)
     splits = load_data_arg(data, net_a, net_b)
     if align is not None:
-        net_b = mc.align(net_a, net_b, method=align, data=splits.train, seed=seed)
+        opts: dict[str, Any] = {"seed": seed} if mc.get_aligner(align).accepts("seed") else {}
+        net_b = mc.align(net_a, net_b, method=align, data=splits.train, **opts)
     path = mc.LinearPath(net_a.state_dict(), net_b.state_dict())
     ev = _evaluate(net_a, path, splits, points, robust, device, progress)
     label = f"linear+{align}" if align else "linear"
@@ -180,7 +185,7 @@ def curve(
     kind: Annotated[str, typer.Option("--kind", help="bezier or polychain.")] = "bezier",
     bends: Annotated[int, typer.Option("--bends", help="Trainable control points.")] = 1,
     align: Annotated[
-        str | None, typer.Option("--align", help="Permute B first: weight, activation or pam.")
+        str | None, typer.Option("--align", help="Permute B first: an aligner name.")
     ] = None,
     epochs: Annotated[int, typer.Option("--epochs", help="Curve-training epochs.")] = 20,
     lr: Annotated[
@@ -219,7 +224,7 @@ def curve(
 
     if kind not in COEFFICIENTS:
         raise ConfigError(f"--kind {kind!r} is not one of {', '.join(sorted(COEFFICIENTS))}")
-    _check_align(align, ("weight", "activation", "pam"))
+    _check_align(align)
     if bends < 1 or epochs < 1:
         raise ConfigError(f"--bends and --epochs must be >= 1, got {bends} and {epochs}")
     if batch_size < 1 or lr <= 0 or wd < 0:

@@ -23,7 +23,7 @@ from ..spec import (
     identity_permutation,
 )
 from ..state import check_compatible, check_finite
-from .api import first_inputs, register_aligner, resolve_spec
+from .api import first_inputs, resolve_spec
 
 _EPS = 1e-5  # the seed code's z-score guard: z = (a - mean) / (std + eps)
 
@@ -420,12 +420,3 @@ def _count(data: DataLike, max_batches: int | None) -> int:
     except TypeError:
         n = max_batches or 0
     return min(n, max_batches) if max_batches is not None else n
-
-
-@register_aligner("activation")
-def _activation_aligner(
-    model_a: nn.Module, model_b: nn.Module, data: DataLike, spec: PermutationSpec, **kwargs: Any
-) -> Permutation:
-    if data is None:
-        raise ConfigError("method 'activation' needs data (--data SOURCE / data=...)")
-    return activation_matching(model_a, model_b, data, spec=spec, **kwargs)

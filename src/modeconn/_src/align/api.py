@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Mapping
 from typing import Any, Literal, overload
 
@@ -11,75 +10,67 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError, SpecError
 from ..evaluation import DataLike, as_loader, model_device, with_state
-from ..spec import Permutation, PermutationSpec, apply_permutation
+from ..spec import Permutation, PermutationSpec, apply_permutation, check_permutation
 from ..state import check_compatible
+from .base import ALIGNERS, Aligner, AlignInputs, FunctionAligner
 
-# fn(model_a, model_b, data, spec, **kwargs) -> Permutation mapping B onto A
-Aligner = Callable[..., Permutation]
-
-_ALIGNERS: dict[str, Aligner] = {}
-# modules that register built-in aligners when imported (a missing one is skipped)
-_BUILTIN_MODULES = ("weight", "activation", "ste", "sinkhorn")
+# a user aligner function: fn(model_a, model_b, data, spec, **kwargs) -> Permutation (B onto A)
+AlignerFn = Callable[..., Permutation]
 
 
-def register_aligner(name: str) -> Callable[[Aligner], Aligner]:
-    """Decorator registering an alignment method under ``name`` for :func:`align`.
+def register_aligner(aligner: Aligner | str) -> Any:
+    """Register an alignment method for :func:`align` (``method=name``, ``--method name``).
 
-    The function is called as ``fn(model_a, model_b, data, spec, **kwargs)`` (``data`` and ``spec``
-    may be ``None``) and returns a :class:`Permutation` mapping B onto A.
+    Either an :class:`Aligner` instance (registered under ``aligner.name``; returns it), or a
+    name, used as a decorator on a function ``fn(model_a, model_b, data, spec, **options)``
+    returning a :class:`Permutation` that maps B onto A (``data`` may be ``None``; returns
+    ``fn`` unchanged). A name is taken once.
 
     Args:
-        name: method name (``align(..., method=name)``, ``modeconn align --method name``).
+        aligner: the instance, or the name for a function.
 
     Returns:
-        The decorator (it returns ``fn`` unchanged).
+        The instance, or the decorator.
 
-    Example (in a method's module, e.g. ``align/ste.py``)::
-
-        @register_aligner("ste")
-        def _ste(model_a, model_b, data, spec, **kwargs):
-            return ste_matching(model_a, model_b, data, spec=spec, **kwargs)
+    Example:
+        >>> import modeconn as mc
+        >>> @register_aligner("identity_demo")
+        ... def _identity(model_a, model_b, data, spec, **options):
+        ...     return mc.identity_permutation(spec)
+        >>> "identity_demo" in aligner_names()
+        True
     """
+    if isinstance(aligner, Aligner):
+        return ALIGNERS.register(aligner.name, aligner)
+    name = aligner
+    ALIGNERS.check_free(name)
 
-    def deco(fn: Aligner) -> Aligner:
-        if name in _ALIGNERS and _ALIGNERS[name] is not fn:
-            raise ConfigError(f"alignment method {name!r} is registered twice")
-        _ALIGNERS[name] = fn
+    def deco(fn: AlignerFn) -> AlignerFn:
+        ALIGNERS.register(name, FunctionAligner(name, fn))
         return fn
 
     return deco
 
 
-def _load_builtins() -> None:
-    for mod in _BUILTIN_MODULES:
-        full = f"{__package__}.{mod}"
-        try:
-            importlib.import_module(full)
-        except ModuleNotFoundError as e:
-            if e.name != full:  # a real import error inside the module: surface it
-                raise
-
-
 def aligner_names() -> list[str]:
-    """Names of the registered alignment methods.
+    """Names of the registered alignment methods, in registration order.
 
     Example:
-        >>> {"weight", "activation"} <= set(aligner_names())
-        True
+        >>> aligner_names()[:2]
+        ['weight', 'activation']
     """
-    _load_builtins()
-    return sorted(_ALIGNERS)
+    return ALIGNERS.names()
 
 
 def get_aligner(name: str) -> Aligner:
-    """The function registered as ``name`` (unknown name: :class:`ConfigError` listing names)."""
-    if name not in _ALIGNERS:
-        _load_builtins()
-    if name not in _ALIGNERS:
-        raise ConfigError(
-            f"unknown alignment method {name!r}; choose one of: {', '.join(sorted(_ALIGNERS))}"
-        )
-    return _ALIGNERS[name]
+    """The :class:`Aligner` registered as ``name`` (unknown: ConfigError listing the names).
+
+    Example:
+        >>> a = get_aligner("weight")
+        >>> a.needs_data, a.reference.year
+        (False, 2023)
+    """
+    return ALIGNERS.get(name)
 
 
 def first_inputs(data: DataLike) -> Tensor:
@@ -177,9 +168,12 @@ def align(
     """A copy of ``model_b`` with its hidden units permuted onto ``model_a``'s.
 
     The function ``model_b`` computes is unchanged; only the order of its hidden units is. The
-    permutation comes from the registered method ``method``: ``"weight"`` (Git Re-Basin weight
-    matching, Ainsworth et al. 2023), ``"activation"`` (neuron alignment, Li et al. 2016 /
-    Tatro et al. 2020), ``"ste"`` and ``"sinkhorn"`` (see :func:`aligner_names`).
+    permutation comes from the registered method ``method`` (:func:`aligner_names`; each
+    :class:`Aligner` names its paper): ``"weight"`` (Git Re-Basin weight matching, Ainsworth et
+    al. 2023), ``"activation"`` (neuron alignment, Li et al. 2016 / Tatro et al. 2020),
+    ``"ste"``, ``"sinkhorn"`` (Peña et al. 2023), ``"pam"`` (Tatro et al. 2020), ``"ot"`` (OT
+    fusion, Singh & Jaggi 2020) and ``"annealing"`` (Entezari et al. 2022). Inputs are checked
+    once here (compatible models, the spec, data where the method needs it).
 
     Args:
         model_a: the reference model (not modified).
@@ -190,7 +184,8 @@ def align(
         spec: the permutation spec (default: ``mc.infer_spec(model_a, example_inputs)``).
         example_inputs: inputs for tracing when neither ``spec`` nor ``data`` is given.
         return_permutation: also return the permutation.
-        **kwargs: passed to the method (e.g. ``n_restarts=`` for weight matching).
+        **kwargs: the method's options, validated against its ``Params`` (e.g.
+            ``n_restarts=`` for weight matching; ``get_aligner(m).parameter_names()``).
 
     Returns:
         The aligned copy of ``model_b`` (and the :class:`Permutation` if asked).
@@ -204,22 +199,66 @@ def align(
         >>> torch.allclose(b(x), b2(x), atol=1e-5)
         True
     """
-    fn = get_aligner(method)
-    check_compatible([model_a.state_dict(), model_b.state_dict()], ["model A", "model B"])
+    aligner = get_aligner(method)
+    params = aligner.parameters(**kwargs)
+    state_a, state_b = model_a.state_dict(), model_b.state_dict()
+    check_compatible([state_a, state_b], ["model A", "model B"])
     spec = resolve_spec(model_a, spec, data=data, example_inputs=example_inputs)
-    spec.check(model_a.state_dict())  # a spec made for another model: a clear error first
-    perm = fn(model_a, model_b, data, spec, **kwargs)
-    aligned = with_state(model_b, apply_permutation(spec, perm, model_b.state_dict()))
+    inputs = AlignInputs(spec, state_a, state_b, model_a, model_b, data)
+    perm = run_aligner(aligner, params, inputs)
+    aligned = with_state(model_b, apply_permutation(spec, perm, state_b))
     return (aligned, perm) if return_permutation else aligned
+
+
+def run_aligner(aligner: Aligner, params: Any, inputs: AlignInputs) -> Permutation:
+    """Check ``inputs`` against what ``aligner`` needs, run it, check its permutation.
+
+    The one place inputs are validated (``align``, ``align_states`` and ``merge`` call it): the
+    spec fits state A, data and modules are there when the method needs them, and the result
+    is a valid permutation of every group.
+    """
+    inputs.spec.check(inputs.state_a)  # a spec made for another model: a clear error first
+    needs = aligner.requires(params)
+    if "data" in needs and inputs.data is None:
+        raise ConfigError(
+            f"alignment method {aligner.name!r} needs data (data=(inputs, targets) / --data SOURCE)"
+        )
+    if "models" in needs and (inputs.model_a is None or inputs.model_b is None):
+        raise ConfigError(
+            f"alignment method {aligner.name!r} runs the networks: give model= (a module of the "
+            "states' architecture) or use mc.align(model_a, model_b, ...)"
+        )
+    perm = aligner.run(inputs, params)
+    if not isinstance(perm, Permutation):  # a user function may return a plain dict
+        perm = Permutation(perm)
+    check_permutation(inputs.spec, perm)
+    perm.info.setdefault("method", aligner.name)
+    return perm
 
 
 def align_states(
     spec: PermutationSpec,
     state_a: Mapping[str, Tensor],
     state_b: Mapping[str, Tensor],
+    *,
+    method: str = "weight",
+    model: nn.Module | None = None,
+    data: DataLike | None = None,
     **kwargs: Any,
 ) -> tuple[dict[str, Tensor], Permutation]:
-    """Weight-match ``state_b`` to ``state_a`` and return ``(permuted state_b, permutation)``.
+    """Align ``state_b`` to ``state_a``; return ``(permuted state_b, permutation)``.
+
+    Args:
+        spec: the permutation spec of the states' architecture.
+        state_a: the reference state (not modified).
+        state_b: the state to permute (not modified).
+        method: a registered alignment method (default: weight matching, data-free).
+        model: a module of the states' architecture, for methods that run the networks.
+        data: data for data-driven methods.
+        **kwargs: the method's options.
+
+    Returns:
+        ``(apply_permutation(spec, perm, state_b), perm)``.
 
     Example:
         >>> import torch, modeconn as mc
@@ -228,7 +267,12 @@ def align_states(
         >>> s["w"].tolist()
         [[1.0, 0.0], [0.0, 1.0]]
     """
-    from .weight import weight_matching
-
-    perm = weight_matching(spec, state_a, state_b, **kwargs)
+    aligner = get_aligner(method)
+    params = aligner.parameters(**kwargs)
+    check_compatible([state_a, state_b], ["state A", "state B"])
+    if model is not None:
+        check_compatible([state_a, model.state_dict()], ["state A", "model="])
+    model_a = with_state(model, state_a) if model is not None else None
+    model_b = with_state(model, state_b) if model is not None else None
+    perm = run_aligner(aligner, params, AlignInputs(spec, state_a, state_b, model_a, model_b, data))
     return apply_permutation(spec, perm, state_b), perm

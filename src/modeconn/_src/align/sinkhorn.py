@@ -16,7 +16,7 @@ from ..evaluation import DataLike, as_loader, model_device, resolve_device
 from ..progress import progress_bar
 from ..spec import Permutation, PermutationSpec, Slot, apply_permutation, unit_classes
 from ..state import check_compatible, check_finite
-from .api import register_aligner, resolve_spec
+from .api import resolve_spec
 from .ste import fresh_buffers, midpoint_mode
 
 LOSSES = ("weight", "task")
@@ -304,12 +304,3 @@ def sinkhorn_matching(
         "steps": steps,
     }
     return perm
-
-
-def _sinkhorn_aligner(
-    model_a: nn.Module, model_b: nn.Module, data: Any, spec: PermutationSpec, **kwargs: Any
-) -> Permutation:
-    return sinkhorn_matching(model_a, model_b, data, spec=spec, **kwargs)
-
-
-register_aligner("sinkhorn")(_sinkhorn_aligner)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
-from typing import Any, TypedDict
+from typing import TypedDict
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +16,7 @@ from ..evaluation import DataLike, as_loader, model_device, resolve_device
 from ..progress import progress_bar
 from ..spec import Permutation, PermutationSpec, apply_permutation
 from ..state import check_compatible, check_finite
-from .api import register_aligner, resolve_spec
+from .api import resolve_spec
 from .weight import weight_matching
 
 
@@ -240,14 +240,3 @@ def ste_matching(
             "candidates": len(seen),
         },
     )
-
-
-def _ste_aligner(
-    model_a: nn.Module, model_b: nn.Module, data: Any, spec: PermutationSpec, **kwargs: Any
-) -> Permutation:
-    if data is None:
-        raise ConfigError("alignment method 'ste' needs data (--data SOURCE / data=)")
-    return ste_matching(model_a, model_b, data, spec=spec, **kwargs)
-
-
-register_aligner("ste")(_ste_aligner)

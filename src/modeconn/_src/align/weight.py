@@ -21,7 +21,6 @@ from ..spec import (
     unit_classes,
 )
 from ..state import check_compatible, check_finite
-from .api import register_aligner
 
 _TOL = 1e-12  # an update is kept only if it raises the objective by more than this
 
@@ -359,16 +358,3 @@ def weight_objective(
     perm = identity_permutation(spec) if perm is None else perm
     dev = next(iter(state_a.values())).device if state_a else torch.device("cpu")
     return _Problem(spec, state_a, state_b, dev, torch.float64).objective(perm)
-
-
-def _weight_aligner(
-    model_a: torch.nn.Module,
-    model_b: torch.nn.Module,
-    data: object,
-    spec: PermutationSpec,
-    **kwargs: object,
-) -> Permutation:
-    return weight_matching(spec, model_a.state_dict(), model_b.state_dict(), **kwargs)  # type: ignore[arg-type]
-
-
-register_aligner("weight")(_weight_aligner)

@@ -212,23 +212,24 @@ def _align(
     progress: bool,
 ) -> list[dict[str, Tensor]]:
     """Permute the models into one unit order (see :func:`merge`)."""
-    from ..align import get_aligner, merge_many
-    from ..align.api import resolve_spec
+    from ..align import AlignInputs, get_aligner, resolve_spec, run_aligner
 
     assert model is not None
     one_data = data[0] if is_per_model_data(data) else data
     aligner = get_aligner(method)
+    params = aligner.parameters(**options)
     spec = resolve_spec(model, spec, data=one_data)
-    if base is None and len(sts) > 2 and method == "weight":
-        perms = merge_many(spec, sts, progress=progress, **options)
-        info["alignment"] = dict(perms[0].info)
-        return [apply_permutation(spec, pm, s) for pm, s in zip(perms, sts, strict=True)]
+    if base is None and len(sts) > 2:
+        perms = aligner.run_many(spec, sts, params)  # joint alignment, where the method has one
+        if perms is not None:
+            info["alignment"] = dict(perms[0].info)
+            return [apply_permutation(spec, pm, s) for pm, s in zip(perms, sts, strict=True)]
     ref = base if base is not None else sts[0]
     ref_model = with_state(model, ref)
     out = [] if base is not None else [sts[0]]
     for s in sts[len(out):]:
-        perm = aligner(ref_model, with_state(model, s), one_data, spec, **options)
-        out.append(apply_permutation(spec, perm, s))
+        inputs = AlignInputs(spec, ref, s, ref_model, with_state(model, s), one_data)
+        out.append(apply_permutation(spec, run_aligner(aligner, params, inputs), s))
     info["alignment"] = {"reference": "base" if base is not None else "model 0"}
     return out
 

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..evaluation import DataLike, as_loader
-from ..registry import Registry
+from ..registry import Reference, Registry
 
 State = dict[str, Tensor]
 
@@ -38,18 +38,6 @@ def is_statistic(key: str) -> bool:
         (True, False)
     """
     return key.rsplit(".", 1)[-1] in _STATISTIC_SUFFIXES
-
-
-@dataclass(frozen=True)
-class Reference:
-    """Where a method comes from: ``paper`` (authors, title), ``year`` and ``url``."""
-
-    paper: str
-    year: int
-    url: str
-
-    def __str__(self) -> str:
-        return f"{self.paper} ({self.year}) {self.url}"
 
 
 class Params(BaseModel):

@@ -3,7 +3,7 @@
 The curve is a module ``curve(t) -> {parameter name: tensor}`` (a :class:`CurveParametrization`);
 the network is run on θ(t) with ``torch.func.functional_call``, so no layer needs a curve twin.
 
-Extension points (used by ``paths.pam`` and adversarial curve training):
+Extension points (used by ``align.pam`` and adversarial curve training):
 
 - ``curve=``: any :class:`CurveParametrization` subclass — reparametrise θ(t) (e.g. PAM's
   ``θ_1 = ½θ_A + ½P(θ_B) + δ``) and add trainable tensors; every ``curve.parameters()`` with
@@ -32,7 +32,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import CheckpointError, ConfigError, ModeconnError
-from ..evaluation import DataLike, as_loader, model_device, resolve_device
+from ..evaluation import (
+    AtParams,
+    DataLike,
+    InputTransform,
+    as_loader,
+    model_device,
+    resolve_device,
+)
 from ..io import atomic_write
 from ..progress import progress_bar
 from ..state import check_compatible, lerp
@@ -41,7 +48,6 @@ from .curves import COEFFICIENTS
 
 State = dict[str, Tensor]
 CHECKPOINT_NAME = "fit_state.pt"
-InputTransform = Callable[[nn.Module, Tensor, Tensor], Tensor]
 
 
 def garipov_schedule(epoch: int, epochs: int) -> float:
@@ -212,18 +218,6 @@ def parameter_names(model: nn.Module) -> tuple[list[str], dict[str, str]]:
     return names, aliases
 
 
-class _AtTheta(nn.Module):
-    """``model_fn`` for ``input_transform``: the network evaluated at fixed (detached) weights."""
-
-    def __init__(self, net: nn.Module, params: dict[str, Tensor]):
-        super().__init__()
-        self.net = net
-        self.params = params
-
-    def forward(self, x: Tensor) -> Tensor:
-        return torch.func.functional_call(self.net, self.params, (x,))
-
-
 def _epoch_seed(seed: int, epoch: int) -> int:
     return (int(seed) * 1_000_003 + 7919 * (epoch + 1)) % (2**63 - 1)
 
@@ -359,7 +353,7 @@ def train_curve(
                     theta = curve(t)
                     if input_transform is not None:
                         x = input_transform(
-                            _AtTheta(net, {k: v.detach() for k, v in theta.items()}), x, y
+                            AtParams(net, {k: v.detach() for k, v in theta.items()}), x, y
                         )
                         net.train()
                     out = torch.func.functional_call(net, theta, (x,))
@@ -450,10 +444,10 @@ def fit_curve(
             ``train`` split).
         kind: ``"bezier"`` or ``"polychain"``.
         bends: number of trainable control points (≥ 1).
-        align: ``None``; ``"weight"``/``"activation"`` to permute B onto A first
-            (``mc.align``); ``"pam"``: B permuted by proximal alternating minimisation over
-            relaxed permutations (PAM phase 1, Tatro et al. 2020, ``paths.pam.pam_align``),
-            then the curve is trained here (phase 2).
+        align: ``None``, or an alignment method name (``mc.aligner_names()``) to permute B
+            onto A first (``mc.align``); e.g. ``"pam"``: B permuted by proximal alternating
+            minimisation over relaxed permutations (PAM phase 1, Tatro et al. 2020,
+            ``mc.pam_align``), then the curve is trained here (phase 2).
         epochs: training epochs.
         lr: base learning rate.
         wd: L2 coefficient on θ(t) (the optimizer has no weight decay).
@@ -468,8 +462,9 @@ def fit_curve(
         input_transform: ``(model_fn, x, y) -> x`` applied to each minibatch (e.g. PGD inputs
             for adversarial curve training).
         callback: ``(epoch, record)`` after each epoch (raising interrupts training).
-        align_options: keywords for the alignment method (e.g. ``{"epochs": 20}`` for PAM;
-            PAM also receives ``seed``, ``device``, ``progress`` and ``input_transform``).
+        align_options: keywords for the alignment method (e.g. ``{"epochs": 20}`` for PAM);
+            it also receives those of ``seed``, ``device``, ``progress`` and
+            ``input_transform`` it accepts (``Aligner.accepts``).
 
     Returns:
         A :class:`BezierCurve` or :class:`PolyChain` on CPU whose ``meta`` records the model
@@ -486,26 +481,20 @@ def fit_curve(
         raise ConfigError(f"bends must be {need}, got {bends}")
     if epochs < 1 or batch_size < 1:
         raise ConfigError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
-    aligns = (None, "weight", "activation", "pam")
-    if align not in aligns:
-        raise ConfigError(f"unknown align {align!r}; use one of {list(aligns)}")
+    if align is not None:
+        from ..align import get_aligner
+
+        aligner = get_aligner(align)  # unknown name: one line listing the aligners
     train_data = _train_split(data)
     state_a, state_b = model_a.state_dict(), model_b.state_dict()
     check_compatible([state_a, state_b], ["model A", "model B"])
     if align is not None:
         from ..align import align as align_models
 
-        options = dict(align_options or {})
-        if align == "pam":
-            from . import pam  # noqa: F401 - registers the "pam" aligner (PAM phase 1)
-
-            options = {
-                "seed": seed,
-                "device": device,
-                "progress": progress,
-                "input_transform": input_transform,
-                **options,
-            }
+        shared: dict[str, Any] = {"seed": seed, "device": device, "progress": progress,
+                  "input_transform": input_transform}
+        options: dict[str, Any] = {k: v for k, v in shared.items() if aligner.accepts(k)}
+        options.update(align_options or {})
         state_b = align_models(
             model_a, model_b, method=align, data=train_data, **options
         ).state_dict()

@@ -23,13 +23,12 @@ i.e. alignment is locally optimal (``experiments/curves.py`` measures the fracti
 which PAM and activation matching agree).
 
 The soft permutation is applied to B's state differentiably through the spec's slots by
-``modeconn._src.align.sinkhorn.soft_apply`` (shared with Sinkhorn re-basin).
+``align.sinkhorn.soft_apply`` (shared with Sinkhorn re-basin).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 import numpy as np
 import torch
@@ -38,7 +37,14 @@ from torch import Tensor, nn
 
 from ..assign import solve_assignment
 from ..errors import ConfigError, DataError
-from ..evaluation import DataLike, as_loader, model_device, resolve_device
+from ..evaluation import (
+    AtParams,
+    DataLike,
+    InputTransform,
+    as_loader,
+    model_device,
+    resolve_device,
+)
 from ..progress import progress_bar
 from ..spec import (
     Permutation,
@@ -48,7 +54,6 @@ from ..spec import (
     identity_permutation,
 )
 from ..state import check_compatible
-from .fit import InputTransform, _AtTheta
 
 State = dict[str, Tensor]
 
@@ -265,7 +270,7 @@ def pam_objective(
 
 def _forward(model: nn.Module, params: Mapping[str, Tensor]) -> nn.Module:
     """The network at fixed (detached) weights, as ``fit_curve``'s ``input_transform`` gets it."""
-    return _AtTheta(model, {k: v.detach() for k, v in params.items()})
+    return AtParams(model, {k: v.detach() for k, v in params.items()})
 
 
 # --- PAM phase 1 ----------------------------------------------------------------------------
@@ -353,14 +358,16 @@ def pam_align(
         raise ConfigError(f"projection must be 'alternating' or 'sinkhorn', got {projection!r}")
     state_a, state_b = model_a.state_dict(), model_b.state_dict()
     check_compatible([state_a, state_b], ["model A", "model B"])
-    from ..align.api import get_aligner, resolve_spec
+    from .api import align as align_models
+    from .api import resolve_spec
 
     spec = resolve_spec(model_a, spec, data=data)
     dev = resolve_device(device) if device is not None else model_device(model_a)
     if init is None:
         start = identity_permutation(spec)
     elif isinstance(init, str):
-        start = get_aligner(init)(model_a, model_b, data, spec)
+        start = align_models(model_a, model_b, method=init, data=data, spec=spec,
+                             return_permutation=True)[1]
     else:
         start = Permutation({g: torch.as_tensor(p).long().cpu() for g, p in init.items()})
     check_permutation(spec, start)
@@ -534,16 +541,3 @@ def _subset(data: DataLike, n: int) -> DataLike:
     if not xs:
         raise DataError("PAM needs a non-empty dataset")
     return torch.cat(xs)[:n], torch.cat(ys)[:n]
-
-
-def _register() -> None:
-    from ..align.api import register_aligner
-
-    @register_aligner("pam")
-    def _pam(
-        model_a: nn.Module, model_b: nn.Module, data: Any, spec: Any, **kwargs: Any
-    ) -> Permutation:
-        return pam_align(model_a, model_b, data, spec=spec, **kwargs)
-
-
-_register()
