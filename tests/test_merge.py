@@ -118,7 +118,9 @@ def test_dtype_and_buffers_preserved(name):
     # non-floating buffers come from the first model; BN statistics are averaged (weights 1)
     assert int(out["1.num_batches_tracked"]) == 7
     mean_var = torch.stack([s["1.running_var"] for s in states]).mean(0)
-    if name != "soup":  # the soup averages only the models it keeps; slerp lerps them at t=0.5
+    # the soup averages only the models it keeps; slerp lerps them at t=0.5; zipit zips the
+    # statistics with its merge matrices, like the units they belong to
+    if name not in ("soup", "zipit"):
         assert torch.allclose(out["1.running_var"], mean_var, atol=1e-12)
 
 

@@ -9,7 +9,10 @@ from __future__ import annotations
 from .api import MergedState, merge, merge_methods
 from .average import AverageMerge
 from .base import MergeInputs, MergeMethod, Params, Reference, get_method, register
+from .breadcrumbs import BreadcrumbsMerge, BreadcrumbsParams, breadcrumbs_mask
+from .della import DellaMerge, DellaParams, magprune
 from .fisher import FisherMerge, diagonal_fisher, fisher_weighted_average
+from .model_stock import ModelStockMerge, ModelStockParams, model_stock_tensor
 from .recipe import MergeRecipe
 from .regmean import RegMeanMerge, gram_matrices, regmean_solve
 from .slerp import SlerpMerge, slerp
@@ -23,6 +26,7 @@ from .task_arithmetic import (
     drop_and_rescale,
     trim_magnitude,
 )
+from .zipit import ZipItMerge, ZipItParams, zip_matching
 
 register(AverageMerge(
     "average",
@@ -69,6 +73,33 @@ register(GeneralizedTaskArithmetic(
     identity_params={"p": 0.0, "normalize": True},
     summary="drop task-vector entries with prob p, rescale by 1/(1-p), then sum or TIES",
 ))
+register(ModelStockMerge(
+    "model_stock",
+    Reference("Jang, Yun & Han, Model Stock: All we need is just a few fine-tuned models", 2024,
+              "https://arxiv.org/abs/2403.19522"),
+    summary="fine-tuned average pulled toward the base by the task vectors' angle",
+))
+register(BreadcrumbsMerge(
+    "breadcrumbs",
+    Reference("Davari & Belilovsky, Model Breadcrumbs: Scaling Multi-Task Model Merging with "
+              "Sparse Masks", 2024, "https://arxiv.org/abs/2312.06795"),
+    identity_params={"density": 1.0, "gamma": 0.0, "normalize": True},
+    summary="task vectors without their largest and smallest entries, then summed",
+))
+register(DellaMerge(
+    "della",
+    Reference("Deep, Bhardwaj & Akbik, DELLA-Merging: Reducing Interference in Model Merging "
+              "through Magnitude-Based Sampling", 2024, "https://arxiv.org/abs/2406.11617"),
+    identity_params={"density": 1.0, "epsilon": 0.0},
+    summary="magnitude-ranked random drops (rescaled), sign election, disjoint mean",
+))
+register(ZipItMerge(
+    "zipit",
+    Reference("Stoica et al., ZipIt! Merging Models from Different Tasks without Training", 2023,
+              "https://arxiv.org/abs/2305.03053"),
+    identity_params={"alpha": 1.0, "beta": 0.0},
+    summary="greedy feature matching within and across models, then zip/unzip every layer",
+))
 register(SlerpMerge(
     "slerp",
     Reference("Shoemake, Animating rotation with quaternion curves (SLERP)", 1985,
@@ -104,4 +135,16 @@ __all__ = [
     "regmean_solve",
     "slerp",
     "trim_magnitude",
+    "BreadcrumbsMerge",
+    "BreadcrumbsParams",
+    "DellaMerge",
+    "DellaParams",
+    "ModelStockMerge",
+    "ModelStockParams",
+    "breadcrumbs_mask",
+    "magprune",
+    "model_stock_tensor",
+    "ZipItMerge",
+    "ZipItParams",
+    "zip_matching",
 ]

@@ -1,0 +1,88 @@
+"""Model Stock (Jang et al., 2024): interpolate the fine-tuned average toward the base by angle."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from itertools import combinations
+from typing import Any
+
+import torch
+from pydantic import Field
+from torch import Tensor
+
+from .base import MergeInputs, MergeMethod, Params, State, compute_dtype, merge_per_tensor
+
+
+class ModelStockParams(Params):
+    """Parameters of :class:`ModelStockMerge`."""
+
+    filter_wise: bool = Field(
+        False, description="one ratio per output row (filter) instead of one per tensor"
+    )
+    eps: float = Field(1e-6, gt=0.0, description="floor of the task vectors' norm product")
+
+
+def model_stock_tensor(base: Tensor, tensors: Sequence[Tensor], *, filter_wise: bool = False,
+                       eps: float = 1e-6) -> Tensor:
+    """Model Stock's merge of one tensor (Jang et al., 2024, Eq. (2)/(3)).
+
+    With task vectors ``tau_i = theta_i - theta_0`` (``N`` of them), ``cos`` the mean pairwise
+    cosine ``<tau_i, tau_j> / max(|tau_i| |tau_j|, eps)`` (clamped to [-1, 1]),
+
+        t = N cos / (1 + (N - 1) cos),    theta_H = t * mean_i theta_i + (1 - t) * theta_0,
+
+    per tensor, or per output row with ``filter_wise`` (1-D tensors are one row). A zero task
+    vector gives ``cos = 0``, hence ``theta_0``. As mergekit's ``model_stock``.
+
+    Example:
+        >>> b = torch.zeros(2)
+        >>> model_stock_tensor(b, [torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])]).tolist()
+        [0.0, 0.0]
+        >>> model_stock_tensor(b, [torch.tensor([1.0, 1.0]), torch.tensor([1.0, 1.0])]).tolist()
+        [1.0, 1.0]
+    """
+    dt = compute_dtype(tensors[0])
+    shape = base.shape
+
+    def rows(t: Tensor) -> Tensor:
+        t = t.to(dt)
+        return t.reshape(t.shape[0], -1) if filter_wise and t.dim() >= 2 else t.reshape(1, -1)
+
+    b = rows(base)
+    taus = [rows(t) - b for t in tensors]
+    cos = torch.stack([
+        ((x * y).sum(-1) / (x.norm(dim=-1) * y.norm(dim=-1)).clamp_min(eps)).clamp(-1, 1)
+        for x, y in combinations(taus, 2)
+    ]).mean(0).unsqueeze(-1)
+    n = len(tensors)
+    den = 1 + (n - 1) * cos
+    t = torch.where(den.abs() > eps, n * cos / torch.where(den.abs() > eps, den, 1.0), 0.0)
+    avg = sum(rows(x) for x in tensors) / n
+    return (t * avg + (1 - t) * b).reshape(shape)
+
+
+class ModelStockMerge(MergeMethod):
+    """Model Stock (Jang, Yun & Han, "Model Stock: All we need is just a few fine-tuned models",
+    ECCV 2024): ``theta_H = t * mean_i theta_i + (1 - t) * theta_0`` per tensor with
+    ``t = N cos / (1 + (N - 1) cos)`` and ``cos`` the mean pairwise cosine of the task vectors
+    (:func:`model_stock_tensor`). Needs ``base`` (``theta_0``) and at least two fine-tuned models;
+    no weights. BatchNorm statistics are the plain mean.
+    """
+
+    Params = ModelStockParams
+    needs_base = True
+    weighted = False
+    min_models = 2
+
+    def combiner(self, states: Sequence[Mapping[str, Tensor]], params: Any,
+                 inputs: MergeInputs) -> Callable[[str, list[Tensor]], Tensor]:
+        """The per-tensor ``combine(key, tensors)`` (usable by streaming merges)."""
+        assert inputs.base is not None
+        base = inputs.base
+        return lambda key, ts: model_stock_tensor(base[key], ts, filter_wise=params.filter_wise,
+                                                  eps=params.eps)
+
+    def run(self, states: Sequence[Mapping[str, Tensor]], params: Any,
+            inputs: MergeInputs) -> State:
+        return merge_per_tensor(states, [1.0] * len(states),
+                                self.combiner(states, params, inputs))
