@@ -57,7 +57,8 @@ def command(
         str | None,
         typer.Option(
             "--method",
-            help="average (default), soup, fisher, regmean, task_arithmetic, ties, dare, slerp.",
+            help="A merge method (default average): soup, fisher, regmean, task_arithmetic, "
+            "ties, dare, slerp, model_stock, breadcrumbs, della, zipit (modeconn.merge_methods()).",
         ),
     ] = None,
     base: Annotated[
@@ -67,7 +68,7 @@ def command(
     data: DataOpt = None,
     align: Annotated[
         str | None,
-        typer.Option("--align", help="Align the models first: weight, activation, ste, sinkhorn."),
+        typer.Option("--align", help="Align the models first: an aligner (weight, ot, ...)."),
     ] = None,
     param: Annotated[
         list[str] | None,

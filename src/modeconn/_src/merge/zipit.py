@@ -57,16 +57,25 @@ def zip_matching(corr: Tensor, n_models: int, *, alpha: float = 0.3, beta: float
                  labels: Tensor | None = None) -> Tensor:
     """ZipIt!'s greedy matching: the unmerge matrix ``U`` (``N·n x n``, 0/1) of one group.
 
+    Repeatedly merges the two active clusters of highest similarity (initially ``corr``, the
+    diagonal excluded); the merged cluster's similarity to every other is ``alpha · min`` of its
+    two parts' (``alpha = 0``: it merges no further). A merge of two clusters that both hold
+    features of model ``m`` is a same-model merge charged to ``m``'s budget
+    ``floor(beta · (N·n − n) / N)``; once spent, no two clusters holding ``m`` merge. Should the
+    budget leave no pair (possible for N > 2), the two clusters of highest mean correlation
+    merge regardless.
+
     Args:
         corr: ``(N·n, N·n)`` feature correlations, model ``m``'s features at rows
             ``m·n .. (m+1)·n − 1``.
         n_models: ``N``.
-        alpha: a merged cluster's similarity is ``alpha · min`` of its members' (0: closed).
-        beta: same-model merges per model: ``floor(beta · (N·n − n) / N)``.
+        alpha: similarity scale of a merged cluster.
+        beta: same-model budget per model, as a fraction of ``(N·n − n) / N``.
         labels: per-unit classes (``unit_classes``); features of different classes never merge.
 
     Returns:
-        ``U`` (float64): ``U[f, k] = 1`` if feature ``f`` belongs to merged feature ``k``.
+        ``U`` (float64): ``U[f, k] = 1`` if feature ``f`` belongs to merged feature ``k``
+        (clusters ordered by their first feature).
 
     Example:
         >>> c = torch.tensor([[1, .2, .9, .1], [.2, 1, .1, .8], [.9, .1, 1, .3], [.1, .8, .3, 1]])
@@ -75,41 +84,56 @@ def zip_matching(corr: Tensor, n_models: int, *, alpha: float = 0.3, beta: float
     """
     total = corr.shape[0]
     n = total // n_models
-    origin = torch.arange(total) // n
-    sims = corr.double().clone()
-    sims.fill_diagonal_(-torch.inf)
     lab = labels.repeat(n_models) if labels is not None else torch.zeros(total, dtype=torch.long)
-    sims = sims.masked_fill(lab[:, None] != lab[None, :], -torch.inf)
+    other_class = lab[:, None] != lab[None, :]
+    sims = corr.double().masked_fill(other_class, -torch.inf)
+    sims.fill_diagonal_(-torch.inf)
+    raw = corr.double().masked_fill(other_class, -torch.inf)
+    holds = torch.zeros(total, n_models, dtype=torch.bool)  # cluster k holds model m's features
+    holds[torch.arange(total), torch.arange(total) // n] = True
     members: list[list[int]] = [[f] for f in range(total)]
     active = torch.ones(total, dtype=torch.bool)
     budget = [int((total - n) // n_models * beta + 1e-4)] * n_models
-    for model in range(n_models):
-        if budget[model] <= 0:
-            _close_model(sims, origin, active, model)
-    raw = corr.double().masked_fill(lab[:, None] != lab[None, :], -torch.inf)
+    spent = {m for m in range(n_models) if budget[m] <= 0}
+    _forbid(sims, holds, active, spent, None)
     for _ in range(total - n):
         flat = int(sims.argmax())
         i, j = divmod(flat, total)
         if not torch.isfinite(sims[i, j]):  # the budget left no pair: the best mean correlation
             i, j = _fallback(raw, members, active)
         i, j = min(i, j), max(i, j)
-        same = bool(origin[i] == origin[j])
+        shared = (holds[i] & holds[j]).nonzero().flatten().tolist()
         members[i] += members[j]
+        holds[i] |= holds[j]
         active[j] = False
         merged = torch.minimum(sims[i], sims[j])
         merged = merged * alpha if alpha > 0 else torch.full_like(merged, -torch.inf)
         sims[i], sims[:, i] = merged, merged
         sims[j], sims[:, j] = -torch.inf, -torch.inf
         sims[i, i] = -torch.inf
-        if same:
-            budget[int(origin[i])] -= 1
-            if budget[int(origin[i])] <= 0:
-                _close_model(sims, origin, active, int(origin[i]))
+        for m in shared:
+            budget[m] -= 1
+            if budget[m] <= 0:
+                spent.add(m)
+        _forbid(sims, holds, active, spent, None if shared else i)
     clusters = [members[k] for k in range(total) if active[k]]
     u = torch.zeros(total, len(clusters), dtype=torch.float64)
     for k, fs in enumerate(clusters):
         u[fs, k] = 1.0
     return u
+
+
+def _forbid(sims: Tensor, holds: Tensor, active: Tensor, spent: set[int],
+            only: int | None) -> None:
+    """No merges between two clusters that both hold a model whose budget is spent (for all
+    clusters, or only for the changed cluster ``only``)."""
+    for m in spent:
+        sel = holds[:, m] & active
+        if only is None:
+            sims[sel[:, None] & sel[None, :]] = -torch.inf
+        elif sel[only]:
+            sims[only, sel] = -torch.inf
+            sims[sel, only] = -torch.inf
 
 
 def _fallback(raw: Tensor, members: list[list[int]], active: Tensor) -> tuple[int, int]:
@@ -127,12 +151,6 @@ def _fallback(raw: Tensor, members: list[list[int]], active: Tensor) -> tuple[in
     if not torch.isfinite(mean[a, b]):
         raise DataError("zipit: no two features may be merged (their unit classes differ)")
     return int(idx[a]), int(idx[b])
-
-
-def _close_model(sims: Tensor, origin: Tensor, active: Tensor, model: int) -> None:
-    """No more merges between two clusters of ``model`` (its same-model budget is spent)."""
-    sel = (origin == model) & active
-    sims[sel[:, None] & sel[None, :]] = -torch.inf
 
 
 def _roles(spec: PermutationSpec, model: nn.Module) -> tuple[PermutationSpec, PermutationSpec]:
@@ -229,8 +247,9 @@ class ZipItMerge(MergeMethod):
 
     ``W* = sum_m M_m^out W_m U_m^in`` with ZipIt!'s greedy merge/unmerge matrices (module
     docstring). Needs ``model=`` and one ``data=`` source (the same inputs for every model).
-    ``MergedState.info["zipit"]`` records, per group, how many merged features join units of
-    one model only (``same_model``) and how many span models (``cross_model``).
+    ``MergedState.info["zipit"]`` records, per group, how many merged features hold units of
+    one model only (``one_model``), how many span models (``cross_model``) and how many merges
+    joined two units of one model (``same_model_merges``).
     """
 
     Params = ZipItParams
@@ -270,9 +289,11 @@ class ZipItMerge(MergeMethod):
                 rows = slice(m * size, (m + 1) * size)
                 maps_m[m][g] = merge[:, rows]
                 maps_u[m][g] = u[rows].T
-            owners = [(u[:, k].view(big, size).sum(1) > 0).sum() for k in range(u.shape[1])]
-            report[g] = {"same_model": int(sum(o == 1 for o in owners)),
-                         "cross_model": int(sum(o > 1 for o in owners))}
+            per_model = u.view(big, size, -1).sum(1)  # (models, clusters): features of each
+            owners = (per_model > 0).sum(0)
+            report[g] = {"one_model": int((owners == 1).sum()),
+                         "cross_model": int((owners > 1).sum()),
+                         "same_model_merges": int((per_model - 1).clamp_min(0).sum())}
         inputs.info["zipit"] = report
         produced = {s.param for slots in produce.slots.values() for s in slots}
         out: State = {}
