@@ -112,3 +112,24 @@ def test_align_with_a_spec_file(tmp_path, run_cli):
     )
     assert code == 2 and "nope.weight" in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_align_ot_through_the_registry(checkpoints, run_cli):
+    d, a, b, _ = checkpoints
+    method = "ot"
+    out, js = d / f"b_{method}.safetensors", d / f"{method}.json"
+    code, _, err = run_cli("align", a, b, "--method", method, "--out", out, "--json", js,
+                           "--points", "5", "--no-progress")
+    assert code == 0, err
+    res = json.loads(js.read_text())
+    assert res["alignment"]["method"] == method and "transport" not in res["alignment"]
+    assert res["after"]["loss_barrier"] < 0.8 * res["before"]["loss_barrier"]
+    assert mc.load_checkpoint(out).meta["alignment"]["method"] == method
+
+
+def test_restarts_only_for_aligners_that_take_them(checkpoints, run_cli):
+    d, a, b, _ = checkpoints
+    code, _, err = run_cli("align", a, b, "--method", "ot", "--restarts", "3", "--no-barrier",
+                           "--out", d / "x.safetensors")
+    assert code == 2 and "--restarts applies to weight matching" in err

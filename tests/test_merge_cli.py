@@ -80,6 +80,31 @@ def test_merge_ties_with_base_and_params(ckpts, tmp_path, _run):
     assert "(base)" in stdout
 
 
+@pytest.mark.parametrize("method, extra", [
+    ("zipit", ["--data", "{npz}"]),
+    ("model_stock", ["--base", "{pre}"]),
+    ("breadcrumbs", ["--base", "{pre}", "--param", "density=0.5"]),
+    ("della", ["--base", "{pre}", "--param", "seed=2"]),
+])
+def test_merge_new_methods_through_the_registry(ckpts, tmp_path, _run, method, extra):
+    out = tmp_path / f"{method}.safetensors"
+    args = [x.format(npz=ckpts["npz"], pre=ckpts["pre"]) for x in extra]
+    code, stdout, err = _run([str(ckpts["ft0"]), str(ckpts["ft1"]), "--method", method, *args,
+                              "--out", str(out), "--no-progress"])
+    assert code == 0, err
+    states = [mc.load_checkpoint(ckpts[k]).state for k in ("ft0", "ft1")]
+    if method != "zipit":  # the CLI's merge is the library's
+        params = {}
+        for kv in args[3::2]:  # the --param values
+            k, v = kv.split("=")
+            params[k] = float(v) if "." in v else int(v)
+        want = mc.merge(states, method=method, base=mc.load_checkpoint(ckpts["pre"]).state,
+                        **params)
+        got = mc.load_checkpoint(out).state
+        assert all(torch.allclose(got[k], want[k]) for k in want)
+    assert method in stdout
+
+
 def test_merge_from_a_yaml_recipe(ckpts, tmp_path, _run):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(

@@ -129,7 +129,7 @@ def command(
         return_permutation=True,
         **kwargs,
     )
-    info = {k: v for k, v in perm.info.items() if k != "history"}
+    info = {k: v for k, v in perm.info.items() if k != "history" and _jsonable(v)}
     meta = dict(getattr(net_b, "modeconn_meta", None) or {})
     meta["alignment"] = {"method": method, "reference": str(model_a), "info": info}
     mc.save_checkpoint(out, aligned, meta=meta)
@@ -151,6 +151,18 @@ def command(
     console.print(f"saved {out}")
     if json_path is not None:
         write_json(json_path, result)
+
+
+def _jsonable(v: Any) -> bool:
+    """Numbers, strings and (nested) lists/dicts of them: what JSON and checkpoint metadata
+    can hold (an aligner's ``info`` may also carry tensors, e.g. OT's transport maps)."""
+    if v is None or isinstance(v, bool | int | float | str):
+        return True
+    if isinstance(v, list | tuple):
+        return all(_jsonable(x) for x in v)
+    if isinstance(v, dict):
+        return all(isinstance(k, str) and _jsonable(x) for k, x in v.items())
+    return False
 
 
 def _mid(ev: dict) -> float:
