@@ -11,10 +11,11 @@ defaults otherwise):
 2. **ZipIt! vs averaging** — the same pairs merged by plain averaging, by weight matching then
    averaging, and by ZipIt! (default β = 0.125; β = 0: no same-model merges).
 3. **Task-vector merges** — per seed: a model pretrained on half of the training split,
-   fine-tuned on the classes {0,1,2}, {3,4,5}, {6,...,9}; the three fine-tunes merged with
-   ``base`` = the pretrained model, every method at its defaults (task arithmetic with
-   ``normalize=True``: the mean task vector). Test accuracy and the mean over the three tasks of
-   the accuracy on that task's classes.
+   fine-tuned (a) on the classes {0,1,2}, {3,4,5}, {6,...,9} (different tasks) or (b) on three
+   disjoint thirds of the other half, all classes (one task: Model Stock's setting); the three
+   fine-tunes merged with ``base`` = the pretrained model, every method at its defaults (task
+   arithmetic with ``normalize=True``: the mean task vector). Test accuracy, and in (a) the mean
+   over the three tasks of the accuracy on that task's classes.
 
 Models are cached under ``--out`` (default ``runs/aligners``); the tables go to ``--results``.
 
@@ -124,20 +125,31 @@ def subset(x: torch.Tensor, y: torch.Tensor, classes: tuple[int, ...]) -> tuple[
     return x[keep], y[keep]
 
 
-def task_rows(args: argparse.Namespace, splits: Any, seed: int) -> dict[str, dict[str, float]]:
+def task_rows(args: argparse.Namespace, splits: Any, seed: int,
+              setting: str) -> dict[str, dict[str, float]]:
     x, y = splits.train.tensors
     half = len(x) // 2
     pre = trained(args, splits, f"pre_{seed}", seed, (x[:half], y[:half]))
-    fts = [trained(args, splits, f"ft_{seed}_{i}", seed, subset(x, y, t), start=pre,
-                   epochs=max(args.epochs // 4, 1)) for i, t in enumerate(TASKS)]
+    if setting == "classes":
+        parts = [subset(x, y, t) for t in TASKS]
+    else:
+        third = (len(x) - half) // 3
+        parts = [(x[half + i * third: half + (i + 1) * third],
+                  y[half + i * third: half + (i + 1) * third]) for i in range(3)]
+    fts = [trained(args, splits, f"ft_{setting}_{seed}_{i}", seed + i, part, start=pre,
+                   epochs=max(args.epochs // 4, 1)) for i, part in enumerate(parts)]
 
     def score(state: Any) -> dict[str, float]:
         test = splits.test.tensors
-        tasks = [mc.evaluate(pre, subset(*test, t), state=state).accuracy for t in TASKS]
-        return {"acc": mc.evaluate(pre, splits.test, state=state).accuracy,
-                "task_acc": statistics.mean(tasks)}
+        out = {"acc": mc.evaluate(pre, splits.test, state=state).accuracy}
+        if setting == "classes":
+            out["task_acc"] = statistics.mean(
+                mc.evaluate(pre, subset(*test, t), state=state).accuracy for t in TASKS)
+        return out
 
-    rows = {"pretrained": score(pre.state_dict())}
+    rows = {"pretrained": score(pre.state_dict()),
+            "fine-tuned (mean)": {k: statistics.mean(score(f.state_dict())[k] for f in fts)
+                                  for k in score(pre.state_dict())}}
     for name in MERGES:
         kw: dict[str, Any] = {} if name == "average" else {"base": pre}
         if name == "task_arithmetic":
@@ -165,14 +177,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(1)
     splits = mc.data.load("mnist1d")
-    bars, zips, tasks = [], [], []
+    bars: list[dict] = []
+    zips: list[dict] = []
+    tasks: dict[str, list[dict]] = {"classes": [], "thirds": []}
     for i in range(args.seeds):
         a = trained(args, splits, f"seed_{2 * i}", 2 * i, splits.train)
         b = trained(args, splits, f"seed_{2 * i + 1}", 2 * i + 1, splits.train)
         spec = mc.infer_spec(a, torch.zeros(2, *splits.input_shape))
         bars.append(barrier_rows(args, splits, a, b, spec))
         zips.append(zipit_rows(splits, a, b))
-        tasks.append(task_rows(args, splits, i))
+        for setting, runs in tasks.items():
+            runs.append(task_rows(args, splits, i, setting))
         print(f"seed {i} done", file=sys.stderr)
     cmd = "python " + " ".join(shlex.quote(c) for c in ["experiments/aligners.py",
                                                           *(argv or sys.argv[1:])])
@@ -188,8 +203,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         + table("ZipIt! vs averaging two independently trained models (test accuracy)", zips,
                 {"acc": "test acc"})
         + "\n"
-        + table("Task-vector merges of three class-subset fine-tunes (defaults)", tasks,
-                {"acc": "test acc", "task_acc": "mean task acc"})
+        + table("Task-vector merges (a): fine-tunes on class subsets (defaults)",
+                tasks["classes"], {"acc": "test acc", "task_acc": "mean task acc"})
+        + "\n"
+        + table("Task-vector merges (b): fine-tunes on disjoint data thirds (defaults)",
+                tasks["thirds"], {"acc": "test acc"})
     )
     args.results.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(args.results, "w") as f:

@@ -58,6 +58,19 @@ def test_model_stock_many_models_and_filter_wise() -> None:
         mc.merge(fts[:1], method="model_stock", base=base)
 
 
+def test_model_stock_obtuse_task_vectors() -> None:
+    """Obtuse task vectors (mean cosine < 0): the formula gives t < 0 (mergekit); the default
+    floor gives the base."""
+    base = {"w": torch.zeros(2, dtype=torch.float64)}
+    ang = [0.0, math.acos(-0.25), -math.acos(-0.25)]  # pairwise cosines -1/4, -1/4, cos(2a)
+    fts = [{"w": torch.tensor([math.cos(a), math.sin(a)], dtype=torch.float64)} for a in ang]
+    cos = (-0.25 - 0.25 + math.cos(2 * ang[1])) / 3
+    t = 3 * cos / (1 + 2 * cos)
+    raw = mc.merge(fts, method="model_stock", base=base, min_cos=None)
+    torch.testing.assert_close(raw["w"], t * sum(f["w"] for f in fts) / 3)
+    torch.testing.assert_close(mc.merge(fts, method="model_stock", base=base)["w"], base["w"])
+
+
 # --- Breadcrumbs ------------------------------------------------------------------------------
 @pytest.mark.parametrize("density, gamma", [(0.5, 0.1), (0.9, 0.01), (0.2, 0.0), (0.3, 0.7)])
 def test_breadcrumbs_mask_keeps_the_middle(density: float, gamma: float) -> None:

@@ -20,10 +20,15 @@ class ModelStockParams(Params):
         False, description="one ratio per output row (filter) instead of one per tensor"
     )
     eps: float = Field(1e-6, gt=0.0, description="floor of the task vectors' norm product")
+    min_cos: float | None = Field(
+        0.0, ge=-1.0, le=1.0,
+        description="floor of the mean cosine (0: obtuse task vectors give the base; None: no "
+                    "floor, as mergekit, and t leaves [0, 1])",
+    )
 
 
 def model_stock_tensor(base: Tensor, tensors: Sequence[Tensor], *, filter_wise: bool = False,
-                       eps: float = 1e-6) -> Tensor:
+                       eps: float = 1e-6, min_cos: float | None = 0.0) -> Tensor:
     """Model Stock's merge of one tensor (Jang et al., 2024, Eq. (2)/(3)).
 
     With task vectors ``tau_i = theta_i - theta_0`` (``N`` of them), ``cos`` the mean pairwise
@@ -32,7 +37,10 @@ def model_stock_tensor(base: Tensor, tensors: Sequence[Tensor], *, filter_wise: 
         t = N cos / (1 + (N - 1) cos),    theta_H = t * mean_i theta_i + (1 - t) * theta_0,
 
     per tensor, or per output row with ``filter_wise`` (1-D tensors are one row). A zero task
-    vector gives ``cos = 0``, hence ``theta_0``. As mergekit's ``model_stock``.
+    vector gives ``cos = 0``, hence ``theta_0``. The paper's derivation assumes acute angles
+    (fine-tunes of one task); ``cos`` is floored at ``min_cos`` (default 0, so obtuse task
+    vectors give ``theta_0`` instead of ``t < 0``, or ``|t|`` exploding near
+    ``cos = -1/(N - 1)``); ``min_cos=None`` is mergekit's ``model_stock`` exactly.
 
     Example:
         >>> b = torch.zeros(2)
@@ -54,6 +62,8 @@ def model_stock_tensor(base: Tensor, tensors: Sequence[Tensor], *, filter_wise: 
         ((x * y).sum(-1) / (x.norm(dim=-1) * y.norm(dim=-1)).clamp_min(eps)).clamp(-1, 1)
         for x, y in combinations(taus, 2)
     ]).mean(0).unsqueeze(-1)
+    if min_cos is not None:
+        cos = cos.clamp_min(min_cos)
     n = len(tensors)
     den = 1 + (n - 1) * cos
     t = torch.where(den.abs() > eps, n * cos / torch.where(den.abs() > eps, den, 1.0), 0.0)
@@ -65,8 +75,9 @@ class ModelStockMerge(MergeMethod):
     """Model Stock (Jang, Yun & Han, "Model Stock: All we need is just a few fine-tuned models",
     ECCV 2024): ``theta_H = t * mean_i theta_i + (1 - t) * theta_0`` per tensor with
     ``t = N cos / (1 + (N - 1) cos)`` and ``cos`` the mean pairwise cosine of the task vectors
-    (:func:`model_stock_tensor`). Needs ``base`` (``theta_0``) and at least two fine-tuned models;
-    no weights. BatchNorm statistics are the plain mean.
+    (:func:`model_stock_tensor`; ``cos`` floored at ``min_cos = 0``). Needs ``base``
+    (``theta_0``) and at least two fine-tuned models; no weights. BatchNorm statistics are the
+    plain mean.
     """
 
     Params = ModelStockParams
@@ -80,7 +91,7 @@ class ModelStockMerge(MergeMethod):
         assert inputs.base is not None
         base = inputs.base
         return lambda key, ts: model_stock_tensor(base[key], ts, filter_wise=params.filter_wise,
-                                                  eps=params.eps)
+                                                  eps=params.eps, min_cos=params.min_cos)
 
     def run(self, states: Sequence[Mapping[str, Tensor]], params: Any,
             inputs: MergeInputs) -> State:
