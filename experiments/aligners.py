@@ -10,7 +10,10 @@ defaults otherwise):
    of OT fusion's soft fused model (entropic OT, ``reg``).
 2. **ZipIt! vs averaging** — the same pairs merged by plain averaging, by weight matching then
    averaging, and by ZipIt! (default β = 0.125; β = 0: no same-model merges).
-3. **Task-vector merges** — per seed: a model pretrained on half of the training split,
+3. **Three models** — the pair plus a model from seed 100 + i: plain average, weight matching
+   (merge-many) then average, OT fusion as a Wasserstein barycenter (Akash et al. 2023; weight
+   and activation cost) and ZipIt!.
+4. **Task-vector merges** — per seed: a model pretrained on half of the training split,
    fine-tuned (a) on the classes {0,1,2}, {3,4,5}, {6,...,9} (different tasks) or (b) on three
    disjoint thirds of the other half, all classes (one task: Model Stock's setting); the three
    fine-tunes merged with ``base`` = the pretrained model, every method at its defaults (task
@@ -120,6 +123,25 @@ def zipit_rows(splits: Any, a: nn.Module, b: nn.Module) -> dict[str, dict[str, f
     }
 
 
+def three_rows(splits: Any, ms: list[nn.Module]) -> dict[str, dict[str, float]]:
+    a = ms[0]
+    spec = mc.infer_spec(a, torch.zeros(2, *splits.input_shape))
+    states = [m.state_dict() for m in ms]
+
+    def acc(state: Any) -> dict[str, float]:
+        return {"acc": mc.evaluate(a, splits.test, state=state).accuracy}
+
+    return {
+        "endpoints (mean)": {"acc": statistics.mean(acc(s)["acc"] for s in states)},
+        "average": acc(mc.merge(ms)),
+        "merge-many (weight) + average": acc(mc.merge(ms, align="weight", model=a)),
+        "ot_barycenter (weight)": acc(mc.ot_barycenter(spec, states)),
+        "ot_barycenter (activation)": acc(mc.ot_barycenter(spec, states, cost="activation",
+                                                           model=a, data=splits.train)),
+        "zipit": acc(mc.merge(ms, method="zipit", model=a, data=splits.train)),
+    }
+
+
 def subset(x: torch.Tensor, y: torch.Tensor, classes: tuple[int, ...]) -> tuple[Any, Any]:
     keep = torch.isin(y, torch.tensor(classes))
     return x[keep], y[keep]
@@ -179,6 +201,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     splits = mc.data.load("mnist1d")
     bars: list[dict] = []
     zips: list[dict] = []
+    threes: list[dict] = []
     tasks: dict[str, list[dict]] = {"classes": [], "thirds": []}
     for i in range(args.seeds):
         a = trained(args, splits, f"seed_{2 * i}", 2 * i, splits.train)
@@ -186,6 +209,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         spec = mc.infer_spec(a, torch.zeros(2, *splits.input_shape))
         bars.append(barrier_rows(args, splits, a, b, spec))
         zips.append(zipit_rows(splits, a, b))
+        c = trained(args, splits, f"seed_{100 + i}", 100 + i, splits.train)
+        threes.append(three_rows(splits, [a, b, c]))
         for setting, runs in tasks.items():
             runs.append(task_rows(args, splits, i, setting))
         print(f"seed {i} done", file=sys.stderr)
@@ -201,6 +226,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         + "\n`ot_fusion_soft`: accuracy of OT fusion's fused model ½(θ_A + P(θ_B)) with "
           f"entropic OT (reg = {args.reg}).\n\n"
         + table("ZipIt! vs averaging two independently trained models (test accuracy)", zips,
+                {"acc": "test acc"})
+        + "\n"
+        + table("Three independently trained models (test accuracy)", threes,
                 {"acc": "test acc"})
         + "\n"
         + table("Task-vector merges (a): fine-tunes on class subsets (defaults)",

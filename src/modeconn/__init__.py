@@ -47,7 +47,7 @@ from ._src.align import align, align_states, aligner_names, merge_many, register
 from ._src.align import Aligner, AlignInputs, get_aligner
 from ._src.align import activation_matching, weight_matching, weight_objective
 from ._src.align import pam_align, sinkhorn_matching, ste_matching
-from ._src.align import annealing_matching, ot_fusion, ot_matching, ot_transport
+from ._src.align import annealing_matching, ot_barycenter, ot_fusion, ot_matching, ot_transport
 from ._src.norm import needs_bn_reset, repair, reset_bn, reset_bn_state
 
 # --- paths and curves -----------------------------------------------------------------------
@@ -87,7 +87,8 @@ __all__ = [
     "infer_spec", "capture_sites",
     # alignment
     "align", "align_states", "aligner_names", "register_aligner", "get_aligner", "Aligner",
-    "AlignInputs", "pam_align", "ot_matching", "ot_transport", "ot_fusion", "annealing_matching",
+    "AlignInputs", "pam_align", "ot_matching", "ot_transport", "ot_fusion", "ot_barycenter",
+    "annealing_matching",
     "weight_matching",
     "weight_objective", "activation_matching", "ste_matching", "sinkhorn_matching", "merge_many",
     "reset_bn", "reset_bn_state", "needs_bn_reset", "repair",

@@ -26,7 +26,7 @@ from .builtins import (
     WeightMatchingAligner,
 )
 from .many import merge_many
-from .ot import OtAligner, ot_fusion, ot_matching, ot_transport
+from .ot import OtAligner, ot_barycenter, ot_fusion, ot_matching, ot_transport
 from .pam import pam_align
 from .sinkhorn import sinkhorn_matching
 from .ste import ste_matching
@@ -68,6 +68,7 @@ __all__ = [
     "AnnealingAligner",
     "OtAligner",
     "annealing_matching",
+    "ot_barycenter",
     "ot_fusion",
     "ot_matching",
     "ot_transport",
