@@ -65,6 +65,7 @@ class BreadcrumbsMerge(MergeMethod):
 
     Params = BreadcrumbsParams
     needs_base = True
+    per_tensor = True  # output tensor k depends on the inputs' tensors k only (streamable)
 
     def combiner(self, states: Sequence[Mapping[str, Tensor]], params: Any,
                  inputs: MergeInputs) -> Callable[[str, list[Tensor]], Tensor]:

@@ -75,6 +75,7 @@ class DellaMerge(MergeMethod):
 
     Params = DellaParams
     needs_base = True
+    per_tensor = True  # output tensor k depends on the inputs' tensors k only (streamable)
 
     def combiner(self, states: Sequence[Mapping[str, Tensor]], params: Any,
                  inputs: MergeInputs) -> Callable[[str, list[Tensor]], Tensor]:

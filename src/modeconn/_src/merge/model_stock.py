@@ -82,6 +82,7 @@ class ModelStockMerge(MergeMethod):
 
     Params = ModelStockParams
     needs_base = True
+    per_tensor = True  # output tensor k depends on the inputs' tensors k only (streamable)
     weighted = False
     min_models = 2
 
