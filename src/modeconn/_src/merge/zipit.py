@@ -23,6 +23,7 @@ every other tensor produces. BatchNorm statistics are zipped like the weights; p
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -31,7 +32,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from ..errors import ConfigError, DataError
-from ..evaluation import resolve_device
+from ..evaluation import model_device, resolve_device
 from ..progress import progress_bar
 from ..spec import PermutationSpec, Slot, unit_classes
 from .base import MergeInputs, MergeMethod, Params, State, examples, is_per_model_data, n_batches
@@ -266,7 +267,9 @@ class ZipItMerge(MergeMethod):
         if is_per_model_data(inputs.data):
             raise ConfigError("zipit runs every model on the same inputs: give one data= source")
         dev = resolve_device(inputs.device) if inputs.device is not None else None
-        model = inputs.model.to(dev) if dev is not None else inputs.model
+        model = inputs.model
+        if dev is not None and model_device(model) != dev:
+            model = copy.deepcopy(model).to(dev)  # never move the caller's module
         spec = resolve_spec(model, None, data=inputs.data)
         if spec.heads:
             raise ConfigError("zipit does not zip attention heads; use align= with average")
