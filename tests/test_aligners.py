@@ -285,3 +285,18 @@ def test_ot_barycenter_fuses_three_trained_models(trained, mnist1d_splits) -> No
     acc = mc.evaluate(ms[0], mnist1d_splits.test, state=bary).accuracy
     avg = mc.evaluate(ms[0], mnist1d_splits.test, state=mc.merge(ms)).accuracy
     assert acc > avg + 0.15, (acc, avg)
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn1d", "cnn", "resnet", "transformer"])
+def test_ot_recovers_planted_permutations_on_every_zoo_model(name: str) -> None:
+    """Exact OT on a permuted copy: the planted permutation (attention heads, residual streams,
+    q/k vs v dims included), and the barycenter of the two is the model."""
+    shape = (1, 8, 8) if name in ("cnn", "resnet") else (40,)
+    a = mc.models.create(name, input_shape=shape, seed=0)
+    spec = mc.infer_spec(a, torch.zeros(2, *shape))
+    q = mc.random_permutation(spec, seed=1)
+    b = mc.apply_permutation(spec, q, a.state_dict())
+    perm = mc.ot_matching(spec, a.state_dict(), b)
+    true = mc.inverse_permutation(q)
+    assert all(torch.equal(perm[g], true[g]) for g in spec.groups)
+    torch.testing.assert_close(mc.ot_barycenter(spec, [a.state_dict(), b]), a.state_dict())

@@ -202,3 +202,17 @@ def test_zipit_refuses_layers_it_cannot_zip() -> None:
     x = torch.randn(32, 4)
     with pytest.raises(ConfigError, match="zipit"):
         mc.merge([net, net], method="zipit", model=net, data=(x, torch.zeros(32).long()))
+
+
+@pytest.mark.parametrize("name", ["cnn1d", "cnn", "resnet"])
+def test_zipit_of_a_permuted_copy_on_conv_and_residual_nets(name: str) -> None:
+    """Conv layers (axis 1 consumes), BatchNorm (produces) and residual streams zip back to the
+    model's function."""
+    shape = (1, 8, 8) if name in ("cnn", "resnet") else (40,)
+    a = mc.models.create(name, input_shape=shape, seed=0).eval()
+    spec = mc.infer_spec(a, torch.zeros(2, *shape))
+    b = mc.apply_permutation(spec, mc.random_permutation(spec, seed=1), a.state_dict())
+    x = torch.randn(128, *shape, generator=torch.Generator().manual_seed(0))
+    out = mc.merge([a.state_dict(), b], method="zipit", model=a, data=(x, torch.zeros(128).long()))
+    torch.testing.assert_close(torch.func.functional_call(a, dict(out), (x,)), a(x),
+                               rtol=1e-4, atol=1e-5)

@@ -36,12 +36,11 @@ from ..assign import solve_assignment
 from ..errors import ConfigError
 from ..evaluation import DataLike, resolve_device, with_state
 from ..progress import progress_bar
-from ..spec import Permutation, PermutationSpec, Slot
+from ..spec import Permutation, PermutationSpec, Slot, unit_classes
 from ..state import check_compatible, check_finite
 from .base import Aligner, AlignInputs, signature_params
 from .builtins import options
 from .sinkhorn import soft_apply
-from .weight import block_mask
 
 COSTS = ("weight", "activation")
 State = dict[str, Tensor]
@@ -158,7 +157,8 @@ def ot_transport(
     visited: set[str] = set()
     for g, n in spec.groups.items():
         if n > 1:
-            mask = block_mask(spec, g)
+            labels = unit_classes(spec, g)  # slices of fused tensors (q/k vs v dims) never mix
+            mask = None if labels is None else labels[:, None] == labels[None, :]
             if g in corr:
                 c = -corr[g]
             else:
@@ -239,8 +239,8 @@ def ot_matching(
     kept, total = 0.0, 0
     for g, p in maps.items():
         n = spec.groups[g]
-        mask = block_mask(spec, g)
-        score = p if mask is None else p.masked_fill(~mask, -1.0)
+        labels = unit_classes(spec, g)
+        score = p if labels is None else p.masked_fill(labels[:, None] != labels[None, :], -1.0)
         perm[g] = solve_assignment(score, spec.heads.get(g))
         kept += float(p[torch.arange(n), perm[g]].sum())
         total += n
