@@ -39,7 +39,7 @@ from ..spec import (
     identity_permutation,
     unit_classes,
 )
-from ..state import check_compatible
+from ..state import check_compatible, lerp
 from .base import Aligner, AlignInputs, signature_params
 from .builtins import options
 from .pam import _subset
@@ -140,8 +140,7 @@ def annealing_matching(
         pb = apply_permutation(spec, perm, b)
         worst = -math.inf
         for t in path_ts:
-            point = {k: (1 - t) * v + t * pb[k] if v.is_floating_point() else v
-                     for k, v in a.items()}
+            point = lerp(a, pb, t)
             base = (1 - t) * ends[0] + t * ends[1]
             worst = max(worst, loss(point) - base)
         return worst
