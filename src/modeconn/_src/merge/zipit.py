@@ -158,6 +158,7 @@ def _roles(spec: PermutationSpec, model: nn.Module) -> tuple[PermutationSpec, Pe
     """Split the spec's slots into those that produce a group's features and those that consume."""
     prod: dict[str, list[Slot]] = {g: [] for g in spec.groups}
     cons: dict[str, list[Slot]] = {g: [] for g in spec.groups}
+    ndims = {k: v.dim() for k, v in model.state_dict().items()}
     for g, slots in spec.slots.items():
         for s in slots:
             path, _, leaf = s.param.rpartition(".")
@@ -173,8 +174,7 @@ def _roles(spec: PermutationSpec, model: nn.Module) -> tuple[PermutationSpec, Pe
                 or (isinstance(mod, _CONSUMES_AXIS0) and s.axis == 0)
             )
             known = isinstance(mod, _CONSUMES_AXIS1 + _CONSUMES_AXIS0 + (nn.Embedding,))
-            ndim = len(dict(model.state_dict())[s.param].shape)
-            if ndim >= 2 and not known:
+            if ndims[s.param] >= 2 and not known:
                 raise ConfigError(
                     f"zipit cannot tell which axis of {s.param!r} ({type(mod).__name__}) consumes "
                     "features; it zips Linear, Conv, ConvTranspose, Embedding and norm layers"
