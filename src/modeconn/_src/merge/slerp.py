@@ -9,7 +9,8 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from .base import MergeInputs, MergeMethod, Params, State, compute_dtype, merge_per_tensor
+from .base import MergeInputs, Params, compute_dtype
+from .tensorwise import TensorPlan, TensorwiseMerge
 
 
 class SlerpParams(Params):
@@ -63,7 +64,7 @@ def slerp(v0: Tensor, v1: Tensor, t: float, dot_threshold: float = 0.9995) -> Te
     return (math.sin((1 - t) * omega) / s) * a + (math.sin(t * omega) / s) * b
 
 
-class SlerpMerge(MergeMethod):
+class SlerpMerge(TensorwiseMerge):
     """SLERP of two models per tensor (Shoemake 1985; popularised for model merging by mergekit,
     Goddard et al. 2024).
 
@@ -78,9 +79,8 @@ class SlerpMerge(MergeMethod):
     max_models = 2
     weighted = False
 
-    def run(self, states: Sequence[Mapping[str, Tensor]], params: SlerpParams,
-            inputs: MergeInputs) -> State:
+    def plan(self, states: Sequence[Mapping[str, Tensor]], params: SlerpParams,  # type: ignore[override]
+             inputs: MergeInputs) -> TensorPlan:
         t = params.t
-        return merge_per_tensor(
-            states, [1.0 - t, t], lambda k, ts: slerp(ts[0], ts[1], t, params.dot_threshold)
-        )
+        return TensorPlan(lambda k, ts, rows: slerp(ts[0], ts[1], t, params.dot_threshold),
+                          [1.0 - t, t])
