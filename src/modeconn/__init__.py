@@ -65,7 +65,8 @@ from ._src.paths.ensemble import EnsembleResult, curve_ensemble, evaluate_ensemb
 from ._src.paths.pam import pam_align
 
 # --- merging ---------------------------------------------------------------------------------
-from ._src.merge import MergedState, MergeRecipe, merge, merge_methods
+from ._src.merge import MergedState, MergeRecipe, merge, merge_files, merge_methods
+from ._src.merge import streaming_methods
 
 # The public names, by section (docs/API.md documents each). Keep in step with the imports above:
 # tests/test_public_api.py checks that every imported public name is listed here and vice versa.
@@ -94,5 +95,5 @@ __all__ = [
     "load_path", "plot_paths", "pam_align", "landscape", "EnsembleResult", "curve_ensemble",
     "evaluate_ensemble", "fge",
     # merging
-    "merge", "merge_methods", "MergedState", "MergeRecipe",
+    "merge", "merge_methods", "MergedState", "MergeRecipe", "merge_files", "streaming_methods",
 ]  # fmt: skip
