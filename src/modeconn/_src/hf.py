@@ -243,3 +243,44 @@ def save_state(
     layout = _layout(state)
     return write_tensors(out, layout, ((k, state[k]) for k in layout), metadata=metadata,
                          folder_from=folder_from, max_shard_bytes=max_shard_bytes)
+
+
+def permuted_tensors(state: Mapping[str, Tensor], spec: Any, perm: Mapping[str, Tensor]
+                     ) -> Iterator[tuple[str, Tensor]]:
+    """``apply_permutation(spec, perm, state)`` one tensor at a time (a lazy state is read one
+    tensor at a time; dtypes are kept: a gather is exact in any dtype).
+
+    Spec slots naming tensors the state does not hold (the tied ``lm_head.weight`` a model
+    folder omits) are skipped; the folder's loader re-ties them to their permuted source.
+
+    Example:
+        >>> spec = mc.PermutationSpec.from_axes({"h": 2}, {"w": ("h", None)})
+        >>> dict(permuted_tensors({"w": torch.eye(2)}, spec, {"h": torch.tensor([1, 0])}))["w"]
+        tensor([[0., 1.],
+                [1., 0.]])
+    """
+    from .spec import PermutationSpec, apply_permutation
+
+    for k in state:
+        slots = {g: tuple(s for _, s in spec.slots_of(k) if _ == g) for g in spec.groups}
+        if not any(slots.values()):
+            yield k, state[k]
+            continue
+        one = PermutationSpec(groups=dict(spec.groups), slots=slots)
+        yield k, apply_permutation(one, perm, {k: state[k]})[k]
+
+
+def save_permuted(
+    out: str | os.PathLike[str], state: Mapping[str, Tensor], spec: Any,
+    perm: Mapping[str, Tensor], *, folder_from: str | os.PathLike[str] | None = None,
+    metadata: Mapping[str, str] | None = None, max_shard_bytes: int = DEFAULT_SHARD,
+) -> Path:
+    """Write ``state`` permuted by ``perm``, streamed tensor by tensor (see :func:`save_state`).
+
+    Example:
+        >>> ck = mc.load_checkpoint("b-folder")  # doctest: +SKIP
+        >>> save_permuted("b-aligned", ck.state, spec, perm, folder_from="b-folder")  # doctest: +SKIP
+    """
+    layout = _layout(state)
+    return write_tensors(out, layout, permuted_tensors(state, spec, perm), metadata=metadata,
+                         folder_from=folder_from, max_shard_bytes=max_shard_bytes)

@@ -271,12 +271,15 @@ class StreamWriter:
 
     def write(self, key: str, data: Tensor) -> None:
         """Append ``data`` (the whole tensor ``key`` or its next block of rows)."""
+        if self._left and key != self._order[self._i]:
+            raise RuntimeError(f"StreamWriter: {self._order[self._i]!r} is incomplete")
         if self._left == 0:
             self._i += 1
             if self._i >= len(self._order) or self._order[self._i] != key:
                 want = self._order[self._i] if self._i < len(self._order) else "nothing"
                 raise RuntimeError(f"StreamWriter: got {key!r}, expected {want}")
-            if self._file_i < 0 or key == self._files[self._file_i][1][0]:
+            nxt = self._file_i + 1
+            if nxt < len(self._files) and self._files[nxt][1] and key == self._files[nxt][1][0]:
                 self._open_next_file()
             shape, dt = self._layout[key]
             self._left = _nbytes(shape, dt)
