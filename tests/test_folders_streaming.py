@@ -79,7 +79,8 @@ def test_folders_aligned_merged_and_written_back_load_with_the_expected_logits(f
     perm = mc.random_permutation(spec, seed=3)
     hidden = save_permuted(tmp_path / "ft1_perm", mc.load_checkpoint(paths["ft1"]).state, spec,
                            perm, folder_from=paths["ft1"], max_shard_bytes=30_000)
-    assert (hidden / "model.safetensors.index.json").is_file() and (hidden / "config.json").is_file()
+    assert (hidden / "model.safetensors.index.json").is_file()
+    assert (hidden / "config.json").is_file()
     shuffled = transformers.GPT2LMHeadModel.from_pretrained(hidden).eval()
     assert torch.allclose(_logits(shuffled), _logits(models["ft1"]), atol=1e-5)  # same function
     assert not torch.equal(_state(hidden)["transformer.h.0.mlp.c_fc.weight"],
@@ -149,7 +150,7 @@ def test_kth_smallest_abs_is_exact_against_kthvalue():
         parts.append(torch.tensor([0.0, -0.0, 1.0, -1.0, 1.0], dtype=dtype))  # ties and zeros
         flat = torch.cat(parts).abs()
         for rank in (1, 2, 5, 100, 200, flat.numel() - 1, flat.numel()):
-            got = kth_smallest_abs(lambda: parts, rank, dtype)
+            got = kth_smallest_abs(lambda ps=parts: ps, rank, dtype)
             assert got.dtype == dtype and got == flat.kthvalue(rank).values
 
 

@@ -278,8 +278,11 @@ def save_permuted(
     """Write ``state`` permuted by ``perm``, streamed tensor by tensor (see :func:`save_state`).
 
     Example:
-        >>> ck = mc.load_checkpoint("b-folder")  # doctest: +SKIP
-        >>> save_permuted("b-aligned", ck.state, spec, perm, folder_from="b-folder")  # doctest: +SKIP
+        >>> spec = mc.PermutationSpec.from_axes({"h": 2}, {"w": ("h", None)})
+        >>> perm = {"h": torch.tensor([1, 0])}
+        >>> out = save_permuted("p.safetensors", {"w": torch.eye(2)}, spec, perm)
+        >>> mc.load_checkpoint(out).state["w"].tolist()
+        [[0.0, 1.0], [1.0, 0.0]]
     """
     layout = _layout(state)
     return write_tensors(out, layout, permuted_tensors(state, spec, perm), metadata=metadata,

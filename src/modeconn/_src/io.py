@@ -249,7 +249,7 @@ class Checkpoint:
             from .lazy import LazyState
 
             net = build_model(self.path, None if isinstance(self.state, LazyState) else self.state)
-            net.modeconn_meta = self.meta  # type: ignore[assignment]
+            net.modeconn_meta = self.meta
             return net
         recorded = self.meta.get("model") if isinstance(self.meta.get("model"), Mapping) else None
         name = model or (recorded or {}).get("name")

@@ -43,8 +43,10 @@ class LazyState(Mapping[str, Tensor]):
         where: the checkpoint's name, for error messages.
 
     Example:
-        >>> st = LazyState.open("a.safetensors")  # doctest: +SKIP
-        >>> st["fc.weight"].shape, st.shape("fc.weight")  # doctest: +SKIP
+        >>> _ = mc.save_checkpoint("a.safetensors", {"fc.weight": torch.ones(3, 2)})
+        >>> st = LazyState.open("a.safetensors")
+        >>> st.shape("fc.weight"), st.rows("fc.weight", 1, 3).shape
+        ((3, 2), torch.Size([2, 2]))
     """
 
     def __init__(self, files: Mapping[str, str | os.PathLike[str]], where: str = "") -> None:
@@ -235,8 +237,10 @@ class StreamWriter:
         metadata: the ``__metadata__`` strings of every file.
 
     Example:
-        >>> w = StreamWriter([("o.safetensors", ["w"])], {"w": ((2,), torch.float32)})  # doctest: +SKIP
-        >>> w.write("w", torch.ones(2)); w.close()  # doctest: +SKIP
+        >>> w = StreamWriter([("o.safetensors", ["w"])], {"w": ((2, 1), torch.float32)})
+        >>> w.write("w", torch.ones(1, 1)); w.write("w", torch.zeros(1, 1)); w.close()
+        >>> LazyState.open("o.safetensors")["w"].flatten().tolist()
+        [1.0, 0.0]
     """
 
     def __init__(self, files: Sequence[tuple[str | os.PathLike[str], Sequence[str]]],
@@ -289,7 +293,7 @@ class StreamWriter:
         raw = data.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
         if raw.nbytes > self._left:
             raise RuntimeError(f"StreamWriter: too much data for {key!r}")
-        self._fh.write(memoryview(raw))
+        self._fh.write(raw.tobytes() if raw.nbytes < 1 << 20 else memoryview(raw))  # type: ignore[arg-type]
         self._left -= raw.nbytes
 
     def close(self) -> None:

@@ -262,7 +262,7 @@ class GeneralizedTaskArithmetic(TensorwiseMerge):
                                        for k in keys) else torch.float32)
             k_keep = int(density * n)
             model_th = [kth_smallest_abs(tau_blocks(i, keys), n - k_keep, dt)
-                        if 0 < n - k_keep else torch.zeros((), dtype=dt)
+                        if n - k_keep > 0 else torch.zeros((), dtype=dt)
                         for i in range(len(states))]
             total = 0
             for key in keys:
