@@ -107,7 +107,8 @@ def _make_folders(root: Path, size: str) -> tuple[Path, list[Path], int]:
         def chunks(g: torch.Generator = g):
             for k in layout:
                 t = base[k]
-                yield k, t + 0.01 * torch.randn(t.shape, generator=g) if t.is_floating_point() else t
+                noise = torch.randn(t.shape, generator=g) if t.is_floating_point() else 0
+                yield k, t + 0.01 * noise if t.is_floating_point() else t
 
         fts.append(write_tensors(root / f"ft{i}", layout, chunks(), folder_from=root / "base",
                                  max_shard_bytes=nbytes // 3 + 1))
@@ -162,8 +163,8 @@ def main() -> None:
     from modeconn._src.merge import get_method
 
     repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": f"{repo / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "OMP_NUM_THREADS": "1"}
+    path = f"{repo / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
     root = Path(tempfile.mkdtemp(prefix="modeconn-bench-scale-"))
     try:
         base, fts, one = _make_folders(root, size)

@@ -154,7 +154,7 @@ def test_kth_smallest_abs_is_exact_against_kthvalue():
             assert got.dtype == dtype and got == flat.kthvalue(rank).values
 
 
-# --- TIES: the reference code (prateeksr/TIES-Merging, merge_utils/ties_minimal), re-derived ---
+# --- TIES: the reference code, re-derived (github.com/prateeky2806/ties-merging, ties_minimal) ---
 
 def _ref_topk_values_mask(M, K):
     n, d = M.shape
@@ -234,4 +234,22 @@ def test_cli_merges_folders_into_a_folder(folders, tmp_path, run_cli):
     assert type(net).__name__ == "GPT2LMHeadModel"
     assert json.loads((tmp_path / "r.json").read_text())["info"]["streamed"] is True
     r = run_cli("merge", paths["ft0"], paths["ft1"], "--out", tmp_path / "x.safetensors")
+    assert r.code == 2 and "must be a folder name" in r.err
+
+
+def test_cli_align_writes_the_aligned_folder(folders, tmp_path, run_cli):
+    paths, models = folders
+    spec = mc.infer_spec(models["ft0"], X)
+    (tmp_path / "spec.json").write_text(spec.to_json())
+    hidden = mc.permute_checkpoint(paths["ft1"], spec, mc.random_permutation(spec, seed=5),
+                                   tmp_path / "hidden")
+    out = tmp_path / "aligned"
+    r = run_cli("align", paths["ft0"], hidden, "--spec", tmp_path / "spec.json", "--no-barrier",
+                "--out", out, "--no-progress")
+    assert r.code == 0, r.err
+    want = _state(paths["ft1"])
+    got = _state(out)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    r = run_cli("align", paths["ft0"], hidden, "--spec", tmp_path / "spec.json", "--no-barrier",
+                "--out", tmp_path / "a.safetensors")
     assert r.code == 2 and "must be a folder name" in r.err

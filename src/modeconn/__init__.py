@@ -37,6 +37,7 @@ from ._src.assign import solve_assignment
 from . import data, models
 from ._src.adversarial import PGDConfig, pgd_attack, robust_evaluate
 from ._src.io import Checkpoint, load_checkpoint, load_model, save_checkpoint
+from ._src.hf import permute_checkpoint, save_model_folder
 from ._src.train import TrainResult, train
 
 # --- symmetry: spec inference ----------------------------------------------------------------
@@ -83,6 +84,7 @@ __all__ = [
     "random_permutation",
     # foundation: models, data, checkpoints, training, adversarial robustness
     "models", "data", "Checkpoint", "save_checkpoint", "load_checkpoint", "load_model",
+    "save_model_folder", "permute_checkpoint",
     "TrainResult", "train", "PGDConfig", "pgd_attack", "robust_evaluate",
     # symmetry: spec inference
     "infer_spec", "capture_sites",

@@ -287,3 +287,68 @@ def save_permuted(
     layout = _layout(state)
     return write_tensors(out, layout, permuted_tensors(state, spec, perm), metadata=metadata,
                          folder_from=folder_from, max_shard_bytes=max_shard_bytes)
+
+
+def save_model_folder(
+    path: str | os.PathLike[str], state: Mapping[str, Tensor], like: str | os.PathLike[str], *,
+    max_shard_bytes: int = DEFAULT_SHARD,
+) -> Path:
+    """Write ``state`` as a Hugging Face model folder shaped like the folder ``like``.
+
+    The tensors ``like`` stores are written (a model's tied copies, such as GPT-2's
+    ``lm_head.weight``, are left out as ``save_pretrained`` does), sharded, with ``like``'s
+    config and tokenizer files; atomically (no half-written folder on error). ``from_pretrained``
+    loads the result.
+
+    Args:
+        path: the output folder.
+        state: the weights (a state dict, a model's ``state_dict()``, or a lazy state).
+        like: the model folder whose layout and config the output takes.
+        max_shard_bytes: shard size.
+
+    Returns:
+        The folder written.
+
+    Example:
+        >>> mc.save_model_folder("gpt2-aligned", net.state_dict(), like="gpt2-b")  # doctest: +SKIP
+    """
+    keys = list(open_folder(like))
+    missing = [k for k in keys if k not in state]
+    if missing:
+        raise CheckpointError(
+            f"cannot write a folder like {str(like)!r}: the state has no tensor {missing[0]!r}"
+        )
+    sub = {k: state[k] for k in keys} if not isinstance(state, LazyState) else state
+    return save_state(path, sub, folder_from=like, max_shard_bytes=max_shard_bytes)
+
+
+def permute_checkpoint(
+    path: str | os.PathLike[str], spec: Any, perm: Mapping[str, Tensor],
+    out: str | os.PathLike[str], *, max_shard_bytes: int = DEFAULT_SHARD,
+) -> Path:
+    """Apply ``perm`` to a checkpoint file or model folder, streamed tensor by tensor.
+
+    A folder gives a folder (its config copied, sharded); a file gives a ``.safetensors`` file
+    with the same modeconn metadata. Each tensor keeps its dtype.
+
+    Args:
+        path: the checkpoint (file or model folder).
+        spec: the permutation spec of its model.
+        perm: ``{group: permutation}`` (e.g. from ``mc.weight_matching``).
+        out: where to write.
+        max_shard_bytes: shard size of a folder output.
+
+    Returns:
+        The path written.
+
+    Example:
+        >>> mc.permute_checkpoint("gpt2-b", spec, perm, "gpt2-b-aligned")  # doctest: +SKIP
+    """
+    from .io import load_checkpoint
+
+    ck = load_checkpoint(path)
+    meta = None
+    if not ck.folder:
+        meta = {"modeconn": json.dumps(ck.meta)} if ck.meta else None
+    return save_permuted(out, ck.state, spec, perm, folder_from=ck.path if ck.folder else None,
+                         metadata=meta, max_shard_bytes=max_shard_bytes)

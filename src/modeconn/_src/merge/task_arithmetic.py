@@ -57,8 +57,8 @@ class TiesParams(TaskArithmeticParams):
     trim: Literal["tensor", "model"] = Field(
         "tensor",
         description=(
-            "trim each tensor of a task vector to its top-k (mergekit) or the whole task vector "
-            "at once (the TIES paper's code)"
+            "trim each tensor of a task vector to its top-k (mergekit's form) or the whole task "
+            "vector at once, with the TIES code's count and zero-sign rule"
         ),
     )
 
@@ -138,7 +138,8 @@ def disjoint_merge(
     = gamma}`` (zeros never agree); the result is ``sum_{i in A} w_i tau_i / sum_{i in A} w_i``
     (``normalize=False``: the plain sum over ``A``); entries with an empty ``A`` are 0.
 
-    ``zero_sign=None`` (mergekit): an entry whose sum is exactly 0 elects no sign (result 0).
+    ``zero_sign=None``: an entry whose sum is exactly 0 elects no sign (result 0; mergekit 0.1.5
+    elects ``+`` there).
     ``zero_sign=s`` (the TIES code's ``resolve_zero_signs(..., "majority")``, ``s`` the sign of
     the sum of all elected signs): such entries get ``gamma = s``, and, as in the reference's
     ``torch.where(gamma > 0, tau > 0, tau < 0)``, a ``gamma`` still 0 selects the negative
@@ -184,15 +185,22 @@ class GeneralizedTaskArithmetic(TensorwiseMerge):
     - task arithmetic: ``theta = theta_base + scale * sum_i w_i tau_i / Z`` with ``Z = 1`` by
       default (Ilharco's ``theta_base + lambda sum_i tau_i``, ``lambda`` = ``scale``) and
       ``Z = sum_i w_i`` with ``normalize=True`` (the mean task vector);
-    - TIES: ``tau_i`` trimmed to its top-``density`` magnitudes (``trim="tensor"``, the default:
-      per tensor, as mergekit does; ``trim="model"``: over the whole task vector, as the TIES
-      code does: entries with ``|tau| >=`` the model-wide threshold survive),
-      ``gamma = sign(sum_i w_i tau_i)``, then the disjoint mean
-      ``sum_{i in A} w_i tau_i / sum_{i in A} w_i`` over the agreeing models ``A``,
-      ``theta = theta_base + scale * tau``;
+    - TIES: ``tau_i`` trimmed to its top-``density`` magnitudes, ``gamma = sign(sum_i w_i
+      tau_i)``, then the disjoint mean ``sum_{i in A} w_i tau_i / sum_{i in A} w_i`` over the
+      agreeing models ``A``, ``theta = theta_base + scale * tau``. ``trim="tensor"`` (default,
+      mergekit's form): per tensor, ``|tau| >=`` its ``max(1, int(density n))``-th largest
+      magnitude survives, an exact-zero sum elects no sign. ``trim="model"`` (the TIES code,
+      ``ties_merging`` in github.com/prateeky2806/ties-merging): one threshold over the whole task
+      vector, the ``(n - int(density n))``-th smallest ``|tau|`` (so ``int(density n) + 1``
+      entries survive without ties, not ``ceil``), found exactly by a streaming selection in the
+      state's dtype (float64 stays float64); exact-zero sums take the majority sign (the sign of
+      the sum of all elected signs), as the reference's ``resolve_zero_signs`` does;
     - DARE: each entry of ``tau_i`` dropped with probability ``p``, the rest scaled by
-      ``1 / (1 - p)`` (seeded), then task arithmetic, or TIES' sign consensus with
-      ``consensus=True``. ``p = 0`` is task arithmetic.
+      ``1 / (1 - p)`` (the DARE paper's rescale; mergekit 0.1.5's ``dare_*`` instead rescale
+      each tensor to keep its L1 norm, ``rescale_norm=l1``), then task arithmetic, or TIES' sign
+      consensus with ``consensus=True``. ``p = 0`` is task arithmetic. Masks are drawn per (model,
+      tensor, row block) from generators seeded by ``seed`` (not torch's global RNG), so a
+      streamed merge draws the same masks as an in-memory one.
 
     ``normalize`` (default ``None``: each paper's form) divides by the (agreeing) total weight;
     ``normalize=True`` turns task arithmetic into ``theta_base + scale * mean_i tau_i``.
