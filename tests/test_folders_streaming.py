@@ -253,3 +253,21 @@ def test_cli_align_writes_the_aligned_folder(folders, tmp_path, run_cli):
     r = run_cli("align", paths["ft0"], hidden, "--spec", tmp_path / "spec.json", "--no-barrier",
                 "--out", tmp_path / "a.safetensors")
     assert r.code == 2 and "must be a folder name" in r.err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_streamed_merges_on_cuda_match_the_cpu(folders, tmp_path, run_cli):
+    paths, _ = folders
+    for name, params in [("average", {}), ("ties", {"density": 0.3, "trim": "model"}),
+                         ("dare", {"p": 0.3}), ("slerp", {})]:
+        m = get_method(name)
+        inputs = [paths["ft0"], paths["ft1"]]
+        base = paths["base"] if m.needs_base else None
+        cpu = mc.merge_files(inputs, tmp_path / f"{name}_cpu", method=name, base=base, **params)
+        gpu = mc.merge_files(inputs, tmp_path / f"{name}_gpu", method=name, base=base,
+                             device="cuda", **params)
+        a, b = _state(cpu), _state(gpu)
+        assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a), name
+    r = run_cli("merge", paths["ft0"], paths["ft1"], "--device", "cuda", "--out", tmp_path / "c",
+                "--no-progress")
+    assert r.code == 0, r.err

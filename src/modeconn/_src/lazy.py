@@ -53,6 +53,7 @@ class LazyState(Mapping[str, Tensor]):
         from safetensors import safe_open
 
         self.where = where
+        self.device: torch.device | None = None  # where tensors go when read (None: CPU)
         self._handles: dict[str, Any] = {}
         self._file_of: dict[str, str] = {}
         self._meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
@@ -106,11 +107,12 @@ class LazyState(Mapping[str, Tensor]):
         if key not in self._file_of:
             raise KeyError(key)
         try:
-            return self._handles[self._file_of[key]].get_tensor(key)
+            t = self._handles[self._file_of[key]].get_tensor(key)
         except Exception as e:  # noqa: BLE001 - a file truncated after its header was read
             raise CheckpointError(
                 f"cannot read tensor {key!r} of {self.where!r} (truncated?): {_first_line(e)}"
             ) from None
+        return t if self.device is None else t.to(self.device)
 
     def rows(self, key: str, start: int, stop: int) -> Tensor:
         """Rows ``start:stop`` (along dim 0) of tensor ``key``, read without the rest."""
@@ -118,11 +120,12 @@ class LazyState(Mapping[str, Tensor]):
         if not shape:
             return self[key]
         try:
-            return self._handles[self._file_of[key]].get_slice(key)[start:stop]
+            t = self._handles[self._file_of[key]].get_slice(key)[start:stop]
         except Exception as e:  # noqa: BLE001
             raise CheckpointError(
                 f"cannot read tensor {key!r} of {self.where!r} (truncated?): {_first_line(e)}"
             ) from None
+        return t if self.device is None else t.to(self.device)
 
     def shape(self, key: str) -> tuple[int, ...]:
         """The shape of ``key`` (from the header; nothing is read)."""

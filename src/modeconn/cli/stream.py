@@ -51,7 +51,7 @@ def run(
 ) -> None:
     """Stream the merge to ``out``; then, with ``data``, print the test table."""
     mc.merge_files(models, out, method=method, base=base, weights=weights, progress=progress,
-                   meta={"data": data} if data else None, **params)
+                   meta={"data": data} if data else None, device=device, **params)
     rows: list[dict[str, Any]] = []
     if data is not None and not is_folder(models[0]):
         splits = mc.data.load(data)

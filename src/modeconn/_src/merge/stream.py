@@ -19,9 +19,10 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError, IncompatibleModelsError
+from ..evaluation import resolve_device
 from ..hf import DEFAULT_SHARD, write_tensors
 from ..io import _json_default, load_checkpoint
-from ..lazy import meta_state, tensor_meta
+from ..lazy import LazyState, meta_state, tensor_meta
 from ..progress import progress_bar
 from ..state import check_compatible
 from .api import _check_weights
@@ -50,6 +51,7 @@ def merge_files(
     progress: bool = False,
     max_shard_bytes: int = DEFAULT_SHARD,
     meta: Mapping[str, Any] | None = None,
+    device: str | torch.device | None = None,
     **params: Any,
 ) -> Path:
     """Merge checkpoint files or Hugging Face model folders without loading the models.
@@ -72,6 +74,8 @@ def merge_files(
         progress: draw a progress bar.
         max_shard_bytes: shard size of a folder output.
         meta: extra metadata recorded in a ``.safetensors`` output.
+        device: where each block is computed (``"cuda"``: read to the GPU, merged there, written
+            from there; the results then match the CPU's to rounding, not bitwise).
         **params: the method's parameters.
 
     Returns:
@@ -100,6 +104,13 @@ def merge_files(
         raise ConfigError(f"method {m.name!r} does not use base=")
     cks = [load_checkpoint(x) for x in paths]
     base_ck = load_checkpoint(base) if base is not None else None
+    dev = resolve_device(device) if device is not None else None
+    for ck in [*cks, *([base_ck] if base_ck else [])]:
+        if dev is not None and dev.type != "cpu":
+            if isinstance(ck.state, LazyState):
+                ck.state.device = dev
+            else:
+                ck.state = {k: v.to(dev) for k, v in ck.state.items()}
     states = [ck.state for ck in cks]
     names = [f"model {i} ({x})" for i, x in enumerate(paths)]
     every = [*states, base_ck.state] if base_ck else states
