@@ -271,3 +271,22 @@ def test_streamed_merges_on_cuda_match_the_cpu(folders, tmp_path, run_cli):
     r = run_cli("merge", paths["ft0"], paths["ft1"], "--device", "cuda", "--out", tmp_path / "c",
                 "--no-progress")
     assert r.code == 0, r.err
+
+
+def test_recipes_of_folders_write_folders_streamed_or_in_memory(folders, tmp_path, run_cli):
+    from modeconn._src.merge.recipe import run_recipe
+
+    paths, _ = folders
+    want = mc.merge([_state(paths["ft0"]), _state(paths["ft1"])])
+    recipe = tmp_path / "r.yaml"  # the CLI streams a per-tensor recipe
+    recipe.write_text(f"models: [{paths['ft0']}, {paths['ft1']}]\nmethod: average\n"
+                      f"out: {tmp_path / 'streamed'}\n")
+    r = run_cli("merge", "--config", recipe, "--no-progress")
+    assert r.code == 0, r.err
+    in_memory = mc.MergeRecipe(models=[str(paths["ft0"]), str(paths["ft1"])], method="average",
+                               out=str(tmp_path / "in_memory"))
+    run_recipe(in_memory)
+    for out in ("streamed", "in_memory"):
+        got = _state(tmp_path / out)
+        assert (tmp_path / out / "config.json").is_file()
+        assert got.keys() <= want.keys() and all(torch.equal(v, want[k]) for k, v in got.items())
