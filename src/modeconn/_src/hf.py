@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .errors import CheckpointError
-from .lazy import LazyState, StreamWriter, shard_plan, tensor_meta
+from .lazy import LazyState, StreamWriter, nbytes, shard_plan, tensor_meta
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -206,18 +206,11 @@ def write_tensors(
         _stream(StreamWriter([(tmp / n, ks) for n, ks in zip(names, plan, strict=True)],
                              layout, meta), chunks)
         if len(plan) > 1:
-            total = sum(_nbytes(*layout[k]) for k in layout)
+            total = sum(nbytes(*layout[k]) for k in layout)
             index = {"metadata": {"total_size": total},
                      "weight_map": {k: n for n, ks in zip(names, plan, strict=True) for k in ks}}
             (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
     return dest
-
-
-def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n * torch.empty((), dtype=dtype).element_size()
 
 
 def _stream(writer: StreamWriter, chunks: Iterable[tuple[str, Tensor]]) -> None:

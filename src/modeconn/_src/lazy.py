@@ -196,7 +196,8 @@ def read_rows(state: Mapping[str, Tensor], key: str, start: int, stop: int) -> T
 # --- writing ------------------------------------------------------------------------------------
 
 
-def _nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
+def nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
+    """Bytes of a tensor of ``shape`` and ``dtype``."""
     n = 1
     for s in shape:
         n *= int(s)
@@ -218,7 +219,7 @@ def shard_plan(
     shards: list[list[str]] = [[]]
     size = 0
     for k, (shape, dt) in layout.items():
-        nb = _nbytes(shape, dt)
+        nb = nbytes(shape, dt)
         if shards[-1] and size + nb > max_shard_bytes:
             shards.append([])
             size = 0
@@ -267,7 +268,7 @@ class StreamWriter:
         off = 0
         for k in names:
             shape, dt = self._layout[k]
-            nb = _nbytes(shape, dt)
+            nb = nbytes(shape, dt)
             header[k] = {"dtype": _CODES[dt], "shape": list(shape), "data_offsets": [off, off + nb]}
             off += nb
         raw = json.dumps(header, separators=(",", ":")).encode()
@@ -289,7 +290,7 @@ class StreamWriter:
             if nxt < len(self._files) and self._files[nxt][1] and key == self._files[nxt][1][0]:
                 self._open_next_file()
             shape, dt = self._layout[key]
-            self._left = _nbytes(shape, dt)
+            self._left = nbytes(shape, dt)
         shape, dt = self._layout[key]
         if data.dtype != dt:
             raise RuntimeError(f"StreamWriter: {key!r} is {data.dtype}, expected {dt}")
