@@ -166,14 +166,14 @@ def disjoint_merge(
     else:
         gamma = torch.where(gamma == 0, torch.full_like(gamma, float(zero_sign)), gamma)
         agree = torch.where(gamma > 0, stacked > 0, stacked < 0)
-    total = torch.where(agree, stacked, torch.zeros_like(stacked)).sum(0)
+    total = stacked.masked_fill_(~agree, 0).sum(0)
     if not normalize:
         return total
-    wt = torch.tensor(w, dtype=stacked.dtype, device=stacked.device)
-    wt = wt.view(-1, *([1] * (stacked.dim() - 1))).expand_as(stacked)
-    denom = torch.where(agree, wt, torch.zeros_like(stacked)).sum(0)
-    safe = torch.where(denom != 0, denom, torch.ones_like(denom))
-    return torch.where(denom != 0, total / safe, torch.zeros_like(total))
+    denom = torch.zeros_like(total)
+    for wi, a in zip(w, agree, strict=True):
+        denom.add_(a.to(denom.dtype), alpha=wi)
+    zero = denom == 0
+    return (total / denom.masked_fill_(zero, 1)).masked_fill_(zero, 0)
 
 
 class GeneralizedTaskArithmetic(TensorwiseMerge):
@@ -253,8 +253,7 @@ class GeneralizedTaskArithmetic(TensorwiseMerge):
 
         def trimmed(key: str, taus: list[Tensor]) -> list[Tensor]:
             ths = model_th if model_wide else per_key[key]
-            return [torch.where(t.abs() >= th, t, torch.zeros_like(t))
-                    for t, th in zip(taus, ths, strict=True)]
+            return [t.masked_fill(t.abs() < th, 0) for t, th in zip(taus, ths, strict=True)]
 
         def tau_blocks(i: int, keys: Sequence[str]) -> Callable[[], Iterator[Tensor]]:
             def gen() -> Iterator[Tensor]:

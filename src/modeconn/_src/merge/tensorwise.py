@@ -149,7 +149,8 @@ def kth_smallest_abs(blocks: Callable[[], Iterable[Tensor]], rank: int,
             bits = x.to(dtype).abs().reshape(-1).view(int_dt)
             if p > 0:
                 bits = bits[(bits >> (shift + 16)) == prefix]
-            hist += torch.bincount(((bits >> shift) & 0xFFFF).long(), minlength=1 << 16).cpu()
+            digit = (bits >> shift) & 0xFFFF if shift else bits & 0xFFFF
+            hist += torch.bincount(digit, minlength=1 << 16).cpu()
         cum = hist.cumsum(0)
         if rank < 1 or rank > int(cum[-1]):
             raise ValueError(f"rank {rank} outside 1..{int(cum[-1])}")
