@@ -27,8 +27,9 @@ _DTYPES: dict[str, torch.dtype] = {
 }
 _CODES = {v: k for k, v in _DTYPES.items()}
 
-# Elements per row block when tensors are processed in pieces (16 MiB of float32).
-BLOCK_ELEMENTS = 1 << 22
+# Elements per row block when tensors are processed in pieces (4 MiB of float32): a TIES block
+# step holds about 20 such arrays, so blocks bound the working set, not the model's size.
+BLOCK_ELEMENTS = 1 << 20
 
 
 def _first_line(e: BaseException) -> str:
