@@ -128,6 +128,8 @@ def atomic_folder(path: str | os.PathLike[str]) -> Iterator[Path]:
         ...     (tmp / "config.json").write_text("{}")
     """
     dest = Path(path)
+    if dest.exists() and not dest.is_dir():
+        raise CheckpointError(f"output {str(dest)!r} is a file; give a folder name")
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
     try:
