@@ -54,6 +54,7 @@ def _register(name: str, fn: Callable[..., Any]) -> None:
 from . import align as _align  # noqa: E402
 from . import demo as _demo  # noqa: E402
 from . import merge as _merge  # noqa: E402
+from . import methods as _methods  # noqa: E402
 from . import paths as _paths  # noqa: E402
 from . import spec as _spec  # noqa: E402
 from . import train as _train  # noqa: E402
@@ -66,6 +67,8 @@ _register("spec", _spec.command)
 _register("interpolate", _paths.interpolate)
 _register("curve", _paths.curve)
 _register("evaluate", _paths.evaluate)
+_register("instability", _methods.instability)
+_register("autoneb", _methods.autoneb)
 
 
 def _one_line(text: object) -> str:
