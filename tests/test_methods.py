@@ -242,3 +242,26 @@ def test_cli_sam_swa_instability_autoneb(run_cli, tmp_path):
     assert "spawn epoch" in r.out and j.is_file()
     r = run_cli("instability", "--spawn", "5", "--epochs", "3", *common)
     assert r.code == 2 and r.err.startswith("error:") and "spawn" in r.err
+
+
+# --- every path kind (the registry's contract) ---------------------------------------------------
+def _kinds() -> list[str]:
+    from modeconn._src.paths.base import REGISTRY
+
+    return sorted(REGISTRY)
+
+
+@pytest.mark.parametrize("kind", _kinds())
+def test_every_path_kind_has_its_endpoints_and_round_trips(kind, tmp_path):
+    from modeconn._src.paths.base import REGISTRY
+
+    n = 2 if kind == "linear" else 4
+    gen = torch.Generator().manual_seed(0)
+    pts = [{"w": torch.randn(3, generator=gen), "k": torch.tensor(i)} for i in range(n)]
+    path = REGISTRY[kind].from_points(pts)
+    assert torch.equal(path.state(0.0)["w"], pts[0]["w"])
+    assert torch.equal(path.state(1.0)["w"], pts[-1]["w"])
+    assert abs(float(path.coefficients(0.37).sum()) - 1.0) < 1e-12
+    back = mc.load_path(path.save(tmp_path / kind))
+    assert type(back) is type(path)
+    assert torch.equal(back.state(0.37)["w"], path.state(0.37)["w"])
