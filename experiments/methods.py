@@ -71,14 +71,16 @@ class Setup:
 
     def init(self, seed: int) -> torch.nn.Module:
         s = self.splits
+        a = self.args
         return mc.models.create("mlp", input_shape=s.input_shape, num_classes=s.num_classes,
-                                width=self.args.width, depth=self.args.depth, seed=seed)  # fmt: skip
+                                width=a.width, depth=a.depth, seed=seed)  # fmt: skip
 
     def trained(self, seed: int, optimizer: str = "sgd") -> torch.nn.Module:
         key = (seed, optimizer)
         if key not in self.cache:
-            self.cache[key] = mc.train(self.init(seed), self.splits, epochs=self.args.epochs,
-                                       optimizer=optimizer, seed=seed, progress=False).model  # fmt: skip
+            r = mc.train(self.init(seed), self.splits, epochs=self.args.epochs,
+                         optimizer=optimizer, seed=seed, progress=False)  # fmt: skip
+            self.cache[key] = r.model
         return self.cache[key]
 
     def test(self, model: torch.nn.Module, state: Any = None) -> mc.Metrics:
@@ -152,9 +154,11 @@ def autoneb(s: Setup) -> str:
             }.items():
                 r.setdefault(key, []).append(float(val))
     cols = ["max train loss", "loss barrier", "error barrier", "min test acc"]
+    def opt(r: dict[str, list[float]], key: str) -> str:
+        return ms(r[key], 1, 1) if key in r else ""
+
     out = [[name] + [ms(r[c], 1, 3 if "loss" in c else 1) for c in cols]
-           + [ms(r["pivots"], 1, 1) if "pivots" in r else "", ms(r["time"], 1, 1) if "time" in r else ""]
-           for name, r in rows.items()]  # fmt: skip
+           + [opt(r, "pivots"), opt(r, "time")] for name, r in rows.items()]  # fmt: skip
     return table(["path", "max train loss", "loss barrier (train)", "error barrier (test, %)",
                   "min test acc (%)", "inner pivots", "time (s)"], out)  # fmt: skip
 
@@ -234,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     setup = Setup(args)
     t0 = time.perf_counter()
     parts = []
-    for key, (title, fn, note) in SECTIONS.items():
+    for title, fn, note in SECTIONS.values():
         t = time.perf_counter()
         body = fn(setup)
         parts.append(f"## {title}\n\n{note}\n\n{body}\n")
