@@ -265,3 +265,26 @@ def test_every_path_kind_has_its_endpoints_and_round_trips(kind, tmp_path):
     back = mc.load_path(path.save(tmp_path / kind))
     assert type(back) is type(path)
     assert torch.equal(back.state(0.37)["w"], path.state(0.37)["w"])
+
+
+@pytest.mark.slow
+def test_cli_simplex_and_subspace(run_cli, tmp_path):
+    common = ["--model-arg", "width=16", "--no-progress"]
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    for seed, out in ((0, a), (1, b)):
+        r = run_cli("train", "--epochs", "2", "--seed", seed, "--out", out, "--data", "mnist1d",
+                    *common)  # fmt: skip
+        assert r.code == 0, r.err
+    j = tmp_path / "s.json"
+    r = run_cli("simplex", a, b, "--out", tmp_path / "sx", "--extra-vertices", "2", "--epochs",
+                "1", "--samples", "3", "--points", "5", "--json", j, "--no-progress")  # fmt: skip
+    assert r.code == 0, r.err
+    assert "random points" in r.out and isinstance(mc.load_path(tmp_path / "sx"), mc.Simplex)
+    r = run_cli("evaluate", tmp_path / "sx", "--points", "3", "--no-progress")
+    assert r.code == 0, r.err
+    r = run_cli("subspace", "--kind", "curve", "--epochs", "1", "--points", "3", "--out",
+                tmp_path / "sub", "--data", "mnist1d", *common)  # fmt: skip
+    assert r.code == 0, r.err
+    assert isinstance(mc.load_path(tmp_path / "sub"), mc.BezierCurve)
+    r = run_cli("subspace", "--kind", "plane", "--out", tmp_path / "bad", *common)
+    assert r.code == 2 and "kind" in r.err

@@ -69,6 +69,8 @@ _register("curve", _paths.curve)
 _register("evaluate", _paths.evaluate)
 _register("instability", _methods.instability)
 _register("autoneb", _methods.autoneb)
+_register("simplex", _methods.simplex)
+_register("subspace", _methods.subspace)
 
 
 def _one_line(text: object) -> str:
