@@ -288,3 +288,9 @@ def test_cli_simplex_and_subspace(run_cli, tmp_path):
     assert isinstance(mc.load_path(tmp_path / "sub"), mc.BezierCurve)
     r = run_cli("subspace", "--kind", "plane", "--out", tmp_path / "bad", *common)
     assert r.code == 2 and "kind" in r.err
+
+
+def test_redistribute_keeps_target_weights():
+    chain = torch.tensor([[0.0], [3.0], [3.5], [4.0]])
+    out = redistribute(chain, torch.tensor([0.5, 0.25, 0.25]))  # targets: 2.0, 3.0 along 4.0
+    assert torch.allclose(out[:, 0], torch.tensor([0.0, 2.0, 3.0, 4.0]))

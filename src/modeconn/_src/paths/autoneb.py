@@ -47,11 +47,14 @@ def neb_tangent(prev: Tensor, here: Tensor, nxt: Tensor, losses: Sequence[float]
     return tau / tau.norm().clamp_min(1e-30)
 
 
-def redistribute(chain: Tensor) -> Tensor:
-    """Pivots moved to equal arc-length spacing along the chain (endpoints kept bit for bit).
+def redistribute(chain: Tensor, weights: Tensor | None = None) -> Tensor:
+    """Pivots re-placed along the chain at target arc-length fractions (endpoints bit for bit).
 
-    The spring constant k = ∞ of AutoNEB's configurations: instead of a spring force, the pivots
-    are re-placed evenly along the current polygonal chain after every step.
+    The spring constant k = ∞ of AutoNEB's configurations: instead of a spring force, pivot i is
+    put at arc length ``L · Σ_{j<i} w_j / Σ w`` of the current polygonal chain (total length L)
+    after every step. ``weights`` (one per segment, default equal) are the target relative
+    segment lengths; AutoNEB splits a segment's weight when it inserts a pivot into it, so
+    inserted pivots stay where the loss rose.
 
     Example:
         >>> redistribute(torch.tensor([[0.0], [0.9], [2.0]])).tolist()
@@ -62,15 +65,17 @@ def redistribute(chain: Tensor) -> Tensor:
     total = float(seg.sum())
     if n <= 2 or total == 0.0:
         return chain.clone()
-    cum = torch.cat([seg.new_zeros(1), seg.cumsum(0)])
+    w = torch.ones(n - 1, dtype=torch.float64) if weights is None else weights.double().cpu()
+    targets = (w.cumsum(0) / w.sum() * total).tolist()
+    cum = torch.cat([seg.new_zeros(1), seg.cumsum(0)]).tolist()
     out = chain.clone()
     j = 0
     for i in range(1, n - 1):
-        pos = total * i / (n - 1)
-        while j < n - 2 and float(cum[j + 1]) < pos:
+        pos = targets[i - 1]
+        while j < n - 2 and cum[j + 1] < pos:
             j += 1
-        w = (pos - float(cum[j])) / max(float(seg[j]), 1e-30)
-        out[i] = torch.lerp(chain[j], chain[j + 1], min(max(w, 0.0), 1.0))
+        frac = (pos - cum[j]) / max(cum[j + 1] - cum[j], 1e-30)
+        out[i] = torch.lerp(chain[j], chain[j + 1], min(max(frac, 0.0), 1.0))
     return out
 
 
@@ -133,17 +138,19 @@ def autoneb(
     "Essentially No Barriers in Neural Network Energy Landscape").
 
     Nudged elastic band (Jónsson et al. 1998): the chain's inner pivots θ_i move with the force
-    ``F_i = −(∇L(θ_i) − (∇L(θ_i)·τ_i) τ_i) + k (‖θ_{i+1} − θ_i‖ − ‖θ_i − θ_{i−1}‖) τ_i`` (the
+    ``F_i = −(∇L(θ_i) − (∇L(θ_i)·τ_i) τ_i) + k [(d_i − d̂_i) − (d_{i−1} − d̂_{i−1})] τ_i`` (the
     loss gradient perpendicular to the tangent τ_i of :func:`neb_tangent`, plus a spring along
-    it), minibatch by minibatch, by SGD with momentum. With ``spring=inf`` (the authors'
-    configurations) the spring is replaced by re-placing the pivots evenly along the chain after
-    each step (:func:`redistribute`). AutoNEB runs ``cycles`` such NEB runs of ``steps`` steps
-    with learning rate ``lr · lr_decay^c``; the chain starts as ``pivots`` evenly spaced points
-    on the segment, and before each later cycle the loss is evaluated at ``subsample`` points
-    between neighbours: in up to ``insert`` segments whose largest
+    it that pulls the segment lengths ``d_i = ‖θ_{i+1} − θ_i‖`` to their targets ``d̂_i``:
+    equal at first), minibatch by minibatch, by SGD with momentum. With ``spring=inf`` (the
+    authors' configurations) the spring is replaced by re-placing the pivots at their target
+    spacing along the chain after each step (:func:`redistribute`). AutoNEB runs ``cycles``
+    such NEB runs of ``steps`` steps with learning rate ``lr · lr_decay^c``; the chain starts as
+    ``pivots`` evenly spaced points on the segment, and before each later cycle the loss is
+    evaluated at ``subsample`` points between neighbours: in up to ``insert`` segments whose largest
     ``(L(θ(α)) − [(1−α) L_i + α L_{i+1}]) / (max_i L_i − min_i L_i)`` exceeds
-    ``insert_threshold``, a new pivot is inserted at that α (the authors' ``highest`` rule).
-    The endpoints never move.
+    ``insert_threshold``, a new pivot is inserted at that α (the authors' ``highest`` rule) and
+    that segment's target length is split at α, so the spring (or the redistribution) keeps the
+    new pivot there. The endpoints never move.
 
     Args:
         model_a: endpoint A (not modified).
@@ -155,7 +162,7 @@ def autoneb(
         lr: learning rate of the first cycle.
         lr_decay: factor applied to the learning rate after each cycle.
         momentum: SGD momentum.
-        spring: spring constant k (``inf``: equal-spacing redistribution).
+        spring: spring constant k (``inf``: redistribution to the target spacing).
         insert: most pivots inserted per cycle.
         insert_threshold: normalised rise above which a segment gets a pivot.
         subsample: points evaluated inside each segment for insertion.
@@ -190,15 +197,17 @@ def autoneb(
     train = _train_split(data)
     x_all, y_all = next(iter(as_loader(train, batch_size=eval_size, shuffle=True, seed=seed)))
     eval_batches = [(x_all.to(dev), y_all.to(dev))]
+    weights = torch.ones(pivots + 1, dtype=torch.float64)  # target relative segment lengths
     records: list[dict[str, float]] = []
     with progress_bar(progress, total=cycles, description="AutoNEB") as advance:
         for cycle in range(cycles):
             if cycle > 0 and insert > 0 and chain.shape[0] - 2 < max_pivots:
-                chain = _insert(pot, chain, eval_batches, insert, insert_threshold, subsample,
-                                max_pivots - (chain.shape[0] - 2))  # fmt: skip
+                chain, weights = _insert(pot, chain, weights, eval_batches, insert,
+                                         insert_threshold, subsample,
+                                         max_pivots - (chain.shape[0] - 2))  # fmt: skip
             rate = lr * lr_decay**cycle
-            chain = _neb_cycle(pot, chain, train, rate, momentum, spring, steps, batch_size,
-                               _epoch_seed(seed, cycle), dev)  # fmt: skip
+            chain = _neb_cycle(pot, chain, weights, train, rate, momentum, spring, steps,
+                               batch_size, _epoch_seed(seed, cycle), dev)  # fmt: skip
             pl = [pot.mean_loss(v, eval_batches) for v in chain]
             records.append({"cycle": cycle + 1, "pivots": chain.shape[0] - 2, "lr": rate,
                             "max_pivot_loss": max(pl)})  # fmt: skip
@@ -211,7 +220,7 @@ def autoneb(
     })  # fmt: skip
 
 
-def _neb_cycle(pot, chain, train, lr, momentum, spring, steps, batch_size, seed, dev) -> Tensor:
+def _neb_cycle(pot, chain, weights, train, lr, momentum, spring, steps, batch_size, seed, dev):
     """``steps`` NEB steps on the inner pivots (SGD with momentum on the negated NEB force)."""
     inner = torch.nn.Parameter(chain[1:-1].clone())
     opt = torch.optim.SGD([inner], lr=lr, momentum=momentum)
@@ -233,28 +242,33 @@ def _neb_cycle(pot, chain, train, lr, momentum, spring, steps, batch_size, seed,
                 losses.append(loss)
                 grads.append(g)
             force = torch.zeros_like(inner)
+            dist = (full[1:] - full[:-1]).norm(dim=1)
+            target = (weights / weights.sum()).to(dist) * dist.sum()
             for i in range(1, full.shape[0] - 1):
                 tau = neb_tangent(full[i - 1], full[i], full[i + 1], losses[i - 1 : i + 2])
                 g = grads[i]
                 assert g is not None
                 step = g - (g @ tau) * tau
-                if spring != float("inf"):
-                    d_prev = (full[i] - full[i - 1]).norm()
-                    d_next = (full[i + 1] - full[i]).norm()
-                    step = step - spring * (d_next - d_prev) * tau
+                if spring != float("inf"):  # descent direction of the spring energy
+                    stretch = (dist[i - 1] - target[i - 1]) - (dist[i] - target[i])
+                    step = step + spring * stretch * tau
                 force[i - 1] = step
             inner.grad = force
             opt.step()
             if spring == float("inf"):
                 with torch.no_grad():
-                    inner.copy_(redistribute(torch.cat([first, inner, last]))[1:-1])
+                    inner.copy_(redistribute(torch.cat([first, inner, last]), weights)[1:-1])
             done += 1
         epoch += 1
     return torch.cat([first, inner.detach(), last])
 
 
-def _insert(pot, chain, batches, insert, threshold, subsample, room) -> Tensor:
-    """Insert pivots where the chain's loss rises most above its pivots' (AutoNEB's "highest")."""
+def _insert(pot, chain, weights, batches, insert, threshold, subsample, room):
+    """Insert pivots where the chain's loss rises most above its pivots' (AutoNEB's "highest").
+
+    Returns the new chain and its target segment weights (a split segment's weight is shared
+    in proportion α : 1 − α, as the authors' ``fill_chain``).
+    """
     pl = [pot.mean_loss(v, batches) for v in chain]
     spread = max(pl) - min(pl) + 1e-12
     alphas = torch.linspace(0, 1, subsample + 2)[1:-1].tolist()
@@ -268,12 +282,15 @@ def _insert(pot, chain, batches, insert, threshold, subsample, room) -> Tensor:
         j = max(range(len(alphas)), key=scores.__getitem__)
         best.append((scores[j], i, alphas[j]))
     chosen = {i: a for s, i, a in sorted(best, reverse=True)[: min(insert, room)] if s > threshold}
-    rows = []
+    rows, new_w = [], []
     for i in range(chain.shape[0]):
         rows.append(chain[i])
         if i in chosen:
             rows.append(torch.lerp(chain[i], chain[i + 1], chosen[i]))
-    return torch.stack(rows)
+            new_w += [weights[i] * chosen[i], weights[i] * (1 - chosen[i])]
+        elif i < chain.shape[0] - 1:
+            new_w.append(weights[i])
+    return torch.stack(rows), torch.stack(new_w)
 
 
 def _to_chain(chain, state_a, state_b, pot, model, records, settings) -> PolyChain:
