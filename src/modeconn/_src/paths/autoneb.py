@@ -220,7 +220,10 @@ def autoneb(
     })  # fmt: skip
 
 
-def _neb_cycle(pot, chain, weights, train, lr, momentum, spring, steps, batch_size, seed, dev):
+def _neb_cycle(
+    pot: _Potential, chain: Tensor, weights: Tensor, train: Any, lr: float, momentum: float,
+    spring: float, steps: int, batch_size: int, seed: int, dev: torch.device,
+) -> Tensor:  # fmt: skip
     """``steps`` NEB steps on the inner pivots (SGD with momentum on the negated NEB force)."""
     inner = torch.nn.Parameter(chain[1:-1].clone())
     opt = torch.optim.SGD([inner], lr=lr, momentum=momentum)
@@ -263,7 +266,10 @@ def _neb_cycle(pot, chain, weights, train, lr, momentum, spring, steps, batch_si
     return torch.cat([first, inner.detach(), last])
 
 
-def _insert(pot, chain, weights, batches, insert, threshold, subsample, room):
+def _insert(
+    pot: _Potential, chain: Tensor, weights: Tensor, batches: list[tuple[Tensor, Tensor]],
+    insert: int, threshold: float, subsample: int, room: int,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
     """Insert pivots where the chain's loss rises most above its pivots' (AutoNEB's "highest").
 
     Returns the new chain and its target segment weights (a split segment's weight is shared
@@ -293,7 +299,10 @@ def _insert(pot, chain, weights, batches, insert, threshold, subsample, room):
     return torch.stack(rows), torch.stack(new_w)
 
 
-def _to_chain(chain, state_a, state_b, pot, model, records, settings) -> PolyChain:
+def _to_chain(
+    chain: Tensor, state_a: dict[str, Tensor], state_b: dict[str, Tensor], pot: _Potential,
+    model: nn.Module, records: list[dict[str, float]], settings: dict[str, Any],
+) -> PolyChain:  # fmt: skip
     """Full state dicts for the pivots (buffers interpolated by position); endpoints exact."""
     n = chain.shape[0]
     points = [dict(state_a)]

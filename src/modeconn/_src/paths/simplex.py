@@ -220,8 +220,8 @@ class SimplexCurve(ControlPointCurve):
 
     Positions are barycentric coordinates drawn by :func:`sample_coordinates`; the penalty is
     ``−λ · mean_S log V(S)`` over the simplices (SPRO's volume term) plus ``β · mean_{i<j}
-    cos²(θ_i, θ_j)`` over vertex pairs (Wortsman et al. 2021's term for subspaces), each when its
-    coefficient is non-zero.
+    cos²(θ_i, θ_j)`` over vertex pairs (Wortsman et al. 2021's term for subspaces,
+    :func:`cosine_penalty`), each when its coefficient is non-zero.
     """
 
     def __init__(
@@ -256,12 +256,31 @@ class SimplexCurve(ControlPointCurve):
                     for s in self.simplices]  # fmt: skip
             out = out - self.volume_weight * torch.stack(logv).mean().to(vecs[0].dtype)
         if self.cosine_weight:
-            out = out + self.cosine_weight * mean_squared_cosine(vecs)
+            out = out + self.cosine_weight * cosine_penalty(self)
         return out
 
     def to_path(self, meta: dict[str, Any] | None = None) -> Path:
         cells = [list(s) for s in self.simplices]
         return super().to_path(meta={**(meta or {}), "simplices": cells})
+
+
+def cosine_penalty(curve: ControlPointCurve) -> Tensor:
+    """``mean_{i<j} cos²(θ_i, θ_j)`` over the curve's control points, on weight matrices only.
+
+    Wortsman et al. 2021 (apple/learning-subspaces) regularise ``cos²`` of the concatenated
+    conv/linear weights of a random pair of points; the mean over all pairs is its expectation.
+    Entries of parameters with fewer than 2 dimensions (biases, norm scales) are left out.
+    """
+    mask = getattr(curve, "_matrix_mask", None)
+    if mask is None:
+        sizes = zip(curve.sizes, curve.shapes, strict=True)
+        mask = torch.cat([torch.full((n,), len(shape) >= 2) for n, shape in sizes])
+        if not bool(mask.any()):
+            mask = torch.ones_like(mask)
+        curve._matrix_mask = mask  # cached on first use
+    vecs = curve.vectors()
+    mask = mask.to(vecs[0].device)
+    return mean_squared_cosine([v[mask] for v in vecs]).to(vecs[0].dtype)
 
 
 def mean_squared_cosine(vectors: Sequence[Tensor]) -> Tensor:
@@ -308,7 +327,10 @@ def fit_simplex(
     wide). Training is :func:`~modeconn._src.paths.fit.train_curve`'s (Garipov schedule, seeded,
     resumable). The extra vertices start near the midpoint ``½(θ_A + θ_B)`` plus Gaussian noise
     of norm ``init_scale · ‖θ_A − θ_B‖`` (seeded), so no simplex starts flat. With k = 1 the
-    complex is a polygonal chain A → θ_1 → B.
+    complex is a polygonal chain A → θ_1 → B. Differences from the authors' code
+    (g-benton/loss-surface-simplexes): there the bonus is ``λ' · log(Σ_S V(S)² + 1e-4)`` (λ' ≈
+    2λ), each step averages 5 sampled points, and single-mode simplexes grow one vertex at a
+    time; here all k vertices train together, one point per minibatch, as in curve training.
 
     Args:
         model_a: mode A (not modified).

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from .base import LinearPath, Path
 from .fit import ControlPointCurve, _train_split, parameter_names, train_curve
-from .simplex import SimplexCurve, mean_squared_cosine
+from .simplex import SimplexCurve, cosine_penalty
 
 KINDS = ("line", "curve", "simplex")
 
@@ -46,18 +46,14 @@ def reinitialise(model: nn.Module, seed: int) -> nn.Module:
 
 
 class _CosineCurve(ControlPointCurve):
-    """A Bezier curve / line with free endpoints and Wortsman et al.'s ``β·mean cos²`` penalty."""
+    """A Bezier curve / line with free points and Wortsman et al.'s ``β · mean cos²`` penalty."""
 
     def __init__(self, *args: Any, cosine_weight: float = 1.0, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.cosine_weight = float(cosine_weight)
 
     def penalty(self) -> Tensor | float:
-        if not self.cosine_weight:
-            return 0.0
-        vecs = self.vectors()
-        ends = [vecs[0], vecs[-1]]  # the paper's lines and curves regularise the endpoints
-        return self.cosine_weight * mean_squared_cosine(ends)
+        return self.cosine_weight * cosine_penalty(self) if self.cosine_weight else 0.0
 
 
 def fit_subspace(
@@ -84,14 +80,14 @@ def fit_subspace(
     The subspace's points start from independent initialisations: point 0 is ``model`` as
     given, point i is ``model`` re-initialised with seed ``seed + i`` (:func:`reinitialise`).
     Every minibatch samples a point of the subspace and takes an SGD step on
-    ``CE(f(x; θ(α)), y) + ½·wd·‖θ(α)‖² + β · cos²(θ_1, θ_2)``:
+    ``CE(f(x; θ(α)), y) + ½·wd·‖θ(α)‖² + β · mean_{i<j} cos²(θ_i, θ_j)`` (over the weight
+    matrices of all pairs of points, the expectation of the authors' random pair):
 
     - ``kind="line"``: ``θ(α) = (1 − α) θ_1 + α θ_2``, ``α ~ U(0, 1)``;
     - ``kind="curve"``: a quadratic Bezier curve whose bend is trained too, ``α ~ U(0, 1)``;
-    - ``kind="simplex"``: ``θ(c) = Σ_i c_i θ_i`` over ``vertices`` points, ``c ~ Dirichlet(1)``,
-      with the cos² term averaged over all vertex pairs.
+    - ``kind="simplex"``: ``θ(c) = Σ_i c_i θ_i`` over ``vertices`` points, ``c ~ Dirichlet(1)``.
 
-    The cos² term keeps the endpoints from collapsing onto one network. The learning rate
+    The cos² term keeps the points from collapsing onto one network. The learning rate
     follows a per-epoch cosine schedule. Training is
     :func:`~modeconn._src.paths.fit.train_curve`'s (seeded, resumable); BatchNorm statistics are
     not trained: evaluate a point after ``mc.reset_bn`` (``mc.evaluate_path`` does it).
