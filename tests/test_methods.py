@@ -8,7 +8,8 @@ from torch import nn
 
 import modeconn as mc
 from modeconn._src.paths.autoneb import neb_tangent, redistribute
-from modeconn._src.paths.simplex import cayley_menger_volume, mean_squared_cosine
+from modeconn._src.paths.simplex import cayley_menger_volume
+from modeconn._src.paths.spro import mean_squared_cosine
 from modeconn._src.state import combine
 
 

@@ -13,7 +13,8 @@ from .fit import (
     train_curve,
 )
 from .io import load_path, save_path
-from .simplex import Simplex, fit_simplex, simplex_ensemble
+from .simplex import Simplex
+from .spro import fit_simplex, simplex_ensemble
 from .subspace import fit_subspace
 
 __all__ = [

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from .base import LinearPath, Path
 from .fit import ControlPointCurve, _train_split, parameter_names, train_curve
-from .simplex import SimplexCurve, cosine_penalty
+from .spro import SimplexCurve, cosine_penalty
 
 KINDS = ("line", "curve", "simplex")
 
