@@ -243,6 +243,9 @@ def test_cli_sam_swa_instability_autoneb(run_cli, tmp_path):
     assert "spawn epoch" in r.out and j.is_file()
     r = run_cli("instability", "--spawn", "5", "--epochs", "3", *common)
     assert r.code == 2 and r.err.startswith("error:") and "spawn" in r.err
+    bad = tmp_path / "bad.safetensors"
+    r = run_cli("train", "--swa-epochs", "-1", "--out", bad, *common)
+    assert r.code == 2 and "--swa-epochs" in r.err and not bad.exists()
 
 
 # --- every path kind (the registry's contract) ---------------------------------------------------

@@ -83,6 +83,10 @@ def command(
     out = check_out_path(out, suffixes=(".safetensors", ".pt", ".pth"))
     if json_path is not None:
         check_out_path(json_path)
+    if swa_epochs < 0 or (swa_epochs > 0 and not swa_lr > 0):
+        raise mc.ConfigError(
+            f"need --swa-epochs >= 0 and --swa-lr > 0, got {swa_epochs} and {swa_lr}"
+        )
     kwargs = parse_model_args(model_arg)
     splits = load_data_arg(data)
     net = build_model(model, splits, kwargs, seed=seed)
