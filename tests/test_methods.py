@@ -298,3 +298,26 @@ def test_redistribute_keeps_target_weights():
     chain = torch.tensor([[0.0], [3.0], [3.5], [4.0]])
     out = redistribute(chain, torch.tensor([0.5, 0.25, 0.25]))  # targets: 2.0, 3.0 along 4.0
     assert torch.allclose(out[:, 0], torch.tensor([0.0, 2.0, 3.0, 4.0]))
+
+
+def test_fit_simplex_resumes_to_the_uninterrupted_result(mnist1d_splits, tmp_path):
+    x, y = mnist1d_splits.tensors("train")
+    data = (x[:300], y[:300])
+    a, b = _mlp(mnist1d_splits, seed=0, width=8), _mlp(mnist1d_splits, seed=1, width=8)
+    kw = {"extra_vertices": 2, "epochs": 3, "progress": False}
+    full = mc.fit_simplex(a, b, data, checkpoint_dir=tmp_path / "full", **kw)
+
+    class Stop(Exception):
+        pass
+
+    def stop(epoch, record):
+        if epoch == 0:
+            raise Stop
+
+    with pytest.raises(Stop):
+        mc.fit_simplex(a, b, data, checkpoint_dir=tmp_path / "cut", callback=stop, **kw)
+    seen: list[int] = []
+    again = mc.fit_simplex(a, b, data, checkpoint_dir=tmp_path / "cut", resume=True,
+                           callback=lambda e, r: seen.append(e), **kw)  # fmt: skip
+    assert seen == [1, 2]  # epoch 0 came from the checkpoint
+    assert all(torch.equal(p[k], q[k]) for p, q in zip(full.points, again.points) for k in p)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -122,6 +122,7 @@ def fit_simplex(
     checkpoint_dir: Any = None,
     resume: bool = False,
     progress: bool = True,
+    callback: Callable[[int, dict[str, float]], None] | None = None,
 ) -> Simplex:
     """Fit a mode-connecting simplicial complex (SPRO; Benton et al., ICML 2021).
 
@@ -153,8 +154,9 @@ def fit_simplex(
         seed: seed of all randomness.
         device: where to train.
         checkpoint_dir: checkpoint every epoch here; ``resume=True`` continues from it.
-        resume: continue an interrupted run.
+        resume: continue an interrupted run (same settings); equals an uninterrupted run.
         progress: show a progress bar.
+        callback: ``(epoch, record)`` after each epoch (raising interrupts training).
 
     Returns:
         A :class:`Simplex` (CPU) whose ``meta`` records the settings and history.
@@ -195,7 +197,8 @@ def fit_simplex(
     history = train_curve(
         model_a, curve, _train_split(data), epochs=epochs, lr=lr, wd=wd, momentum=momentum,
         batch_size=batch_size, seed=seed, device=device, checkpoint_dir=checkpoint_dir,
-        resume=resume, progress=progress, config={"method": "simplex", **settings},
+        resume=resume, progress=progress, callback=callback,
+        config={"method": "simplex", **settings},
     )  # fmt: skip
     meta = {
         "model": getattr(model_a, "modeconn_config", None),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -73,6 +74,7 @@ def fit_subspace(
     checkpoint_dir: Any = None,
     resume: bool = False,
     progress: bool = True,
+    callback: Callable[[int, dict[str, float]], None] | None = None,
 ) -> Path:
     """Train a subspace of networks from scratch (Wortsman et al., ICML 2021, "Learning Neural
     Network Subspaces").
@@ -106,8 +108,9 @@ def fit_subspace(
         seed: seed of the initialisations and of all training randomness.
         device: where to train.
         checkpoint_dir: checkpoint every epoch here; ``resume=True`` continues from it.
-        resume: continue an interrupted run.
+        resume: continue an interrupted run (same settings); equals an uninterrupted run.
         progress: show a progress bar.
+        callback: ``(epoch, record)`` after each epoch (raising interrupts training).
 
     Returns:
         A :class:`LinearPath` (line), :class:`BezierCurve` (curve) or :class:`Simplex` (one
@@ -145,7 +148,7 @@ def fit_subspace(
     history = train_curve(
         model, curve, _train_split(data), epochs=epochs, lr=lr, wd=wd, momentum=momentum,
         batch_size=batch_size, seed=seed, device=device, checkpoint_dir=checkpoint_dir,
-        resume=resume, progress=progress, lr_schedule=cosine_schedule,
+        resume=resume, progress=progress, callback=callback, lr_schedule=cosine_schedule,
         config={"method": "subspace", **settings},
     )  # fmt: skip
     meta = {
