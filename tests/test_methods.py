@@ -320,4 +320,5 @@ def test_fit_simplex_resumes_to_the_uninterrupted_result(mnist1d_splits, tmp_pat
     again = mc.fit_simplex(a, b, data, checkpoint_dir=tmp_path / "cut", resume=True,
                            callback=lambda e, r: seen.append(e), **kw)  # fmt: skip
     assert seen == [1, 2]  # epoch 0 came from the checkpoint
-    assert all(torch.equal(p[k], q[k]) for p, q in zip(full.points, again.points) for k in p)
+    assert all(torch.equal(p[k], q[k]) for p, q in zip(full.points, again.points, strict=True)
+               for k in p)
