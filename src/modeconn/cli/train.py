@@ -83,14 +83,14 @@ def command(
     out = check_out_path(out, suffixes=(".safetensors", ".pt", ".pth"))
     if json_path is not None:
         check_out_path(json_path)
-    if swa_epochs < 0 or (swa_epochs > 0 and not swa_lr > 0):
-        raise mc.ConfigError(
-            f"need --swa-epochs >= 0 and --swa-lr > 0, got {swa_epochs} and {swa_lr}"
-        )
     kwargs = parse_model_args(model_arg)
     splits = load_data_arg(data)
     net = build_model(model, splits, kwargs, seed=seed)
     pgd = {"eps": eps, "step": pgd_step, "steps": pgd_steps} if adversarial else None
+    if swa_epochs < 0 or (swa_epochs > 0 and not swa_lr > 0):
+        raise mc.ConfigError(
+            f"need --swa-epochs >= 0 and --swa-lr > 0, got {swa_epochs} and {swa_lr}"
+        )
     with on_interrupt("nothing was written (training does not resume); run the command again"):
         result = mc.train(
             net,
