@@ -64,13 +64,13 @@ _register("train", _train.command)
 _register("align", _align.command)
 _register("merge", _merge.command)
 _register("spec", _spec.command)
-_register("interpolate", _paths.interpolate)
-_register("curve", _paths.curve)
-_register("evaluate", _paths.evaluate)
 _register("instability", _methods.instability)
 _register("autoneb", _methods.autoneb)
 _register("simplex", _methods.simplex)
 _register("subspace", _methods.subspace)
+_register("interpolate", _paths.interpolate)
+_register("curve", _paths.curve)
+_register("evaluate", _paths.evaluate)
 
 
 def _one_line(text: object) -> str:
