@@ -115,6 +115,23 @@ def test_instability_barrier_does_not_grow_with_the_spawn_epoch(mnist1d_splits):
     assert a != b or r.barrier[0] > 0  # the children differ
 
 
+def test_instability_children_are_plain_training_runs(mnist1d_splits):
+    """Spawned at k = 0, a child is mc.train from the init with the child's seed (an MLP has no
+    dropout: data order is the only noise); spawned at k, both children share the parent's first
+    k epochs and differ after."""
+    x, y = mnist1d_splits.tensors("train")
+    data = (x[:512], y[:512])
+    net = _mlp(mnist1d_splits, width=16)
+    r = mc.instability(net, data, spawn=[0, 2], epochs=3, seeds=(7, 8), ts=3, keep_states=True,
+                       progress=False)  # fmt: skip
+    for s, child in zip((7, 8), r.states[0], strict=True):
+        plain = mc.train(net, data, epochs=3, seed=s, progress=False).model.state_dict()
+        assert all(torch.equal(child[k], plain[k]) for k in plain)
+    a, b = r.states[1]
+    assert not torch.equal(a["head.weight"], b["head.weight"])
+    assert r.splits == {"loss": "data", "error": "data"}
+
+
 def test_instability_bad_spawn(mnist1d_splits):
     with pytest.raises(mc.ConfigError, match="spawn"):
         mc.instability(_mlp(mnist1d_splits), mnist1d_splits, spawn=[3], epochs=3, progress=False)

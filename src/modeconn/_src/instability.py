@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .errors import ConfigError
 from .evaluation import DataLike, as_loader, model_device, resolve_device
@@ -29,6 +29,7 @@ class InstabilityResult:
         child_accuracy: the two children's accuracies on that split, per k.
         splits: ``{"loss": split, "error": split}`` the barriers were measured on.
         settings: the training settings.
+        states: with ``keep_states=True``, the two children's state dicts per k (CPU).
     """
 
     spawn: list[int]
@@ -37,6 +38,7 @@ class InstabilityResult:
     child_accuracy: list[tuple[float, float]] = field(default_factory=list)
     splits: dict[str, str] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
+    states: list[tuple[dict[str, Tensor], dict[str, Tensor]]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able values.
@@ -72,6 +74,7 @@ def instability(
     sam_rho: float = 0.05,
     ts: int = 25,
     device: str | torch.device | None = None,
+    keep_states: bool = False,
     progress: bool = True,
 ) -> InstabilityResult:
     """Instability analysis (Frankle et al., ICML 2020, "Linear Mode Connectivity and the
@@ -103,6 +106,7 @@ def instability(
         sam_rho: SAM's ρ with ``optimizer="sam"``.
         ts: points evaluated on each line.
         device: where to train (default: the model's device).
+        keep_states: also return the children's weights (``result.states``).
         progress: show a progress bar.
 
     Returns:
@@ -135,7 +139,7 @@ def instability(
             )  # fmt: skip
 
     work = ks[-1] + 2 * sum(epochs - k for k in ks)
-    children: list[tuple[dict[str, Any], dict[str, Any]]] = []
+    children: list[tuple[dict[str, Tensor], dict[str, Tensor]]] = []
     with progress_bar(progress, total=work, description="instability") as advance:
         parent = copy.deepcopy(model).to(dev)
         popt = _optimizer(optimizer, parent.parameters(), lr, momentum, weight_decay)
@@ -173,4 +177,6 @@ def instability(
         "momentum": momentum, "weight_decay": weight_decay, "batch_size": batch_size,
         "schedule": schedule, "ts": ts,
     }  # fmt: skip
+    if keep_states:
+        result.states = children
     return result
