@@ -339,3 +339,18 @@ def test_fit_simplex_resumes_to_the_uninterrupted_result(mnist1d_splits, tmp_pat
     assert seen == [1, 2]  # epoch 0 came from the checkpoint
     assert all(torch.equal(p[k], q[k]) for p, q in zip(full.points, again.points, strict=True)
                for k in p)
+
+
+def test_volume_bonus_widens_the_simplex(mnist1d_splits):
+    x, y = mnist1d_splits.tensors("train")
+    data = (x[:512], y[:512])
+    a, b = _mlp(mnist1d_splits, seed=0, width=8), _mlp(mnist1d_splits, seed=1, width=8)
+
+    def volume(lam: float) -> float:
+        s = mc.fit_simplex(a, b, data, extra_vertices=2, volume_weight=lam, epochs=2,
+                           progress=False)  # fmt: skip
+        flat = [torch.cat([v.flatten() for k, v in p.items() if "weight" in k or "bias" in k])
+                for p in s.points[:3]]  # fmt: skip
+        return float(cayley_menger_volume(flat))
+
+    assert volume(0.3) > 1.5 * volume(0.0)
