@@ -37,6 +37,7 @@ from ._src.assign import solve_assignment
 from . import data, models
 from ._src.adversarial import PGDConfig, pgd_attack, robust_evaluate
 from ._src.io import Checkpoint, load_checkpoint, load_model, save_checkpoint
+from ._src.hf import permute_checkpoint, save_model_folder
 from ._src.train import TrainResult, train
 
 # --- symmetry: spec inference ----------------------------------------------------------------
@@ -64,8 +65,14 @@ from ._src.report import plot_paths
 from ._src import landscape
 from ._src.paths.ensemble import EnsembleResult, curve_ensemble, evaluate_ensemble, fge
 
+# --- the rest of the field (issue 12): SWA, instability, AutoNEB, simplexes, subspaces ---------
+from ._src.swa import swa
+from ._src.instability import InstabilityResult, instability
+from ._src.paths import Simplex, autoneb, fit_simplex, fit_subspace, simplex_ensemble
+
 # --- merging ---------------------------------------------------------------------------------
-from ._src.merge import MergedState, MergeRecipe, merge, merge_methods
+from ._src.merge import MergedState, MergeRecipe, merge, merge_files, merge_methods
+from ._src.merge import streaming_methods
 
 # The public names, by section (docs/API.md documents each). Keep in step with the imports above:
 # tests/test_public_api.py checks that every imported public name is listed here and vice versa.
@@ -82,6 +89,7 @@ __all__ = [
     "random_permutation",
     # foundation: models, data, checkpoints, training, adversarial robustness
     "models", "data", "Checkpoint", "save_checkpoint", "load_checkpoint", "load_model",
+    "save_model_folder", "permute_checkpoint",
     "TrainResult", "train", "PGDConfig", "pgd_attack", "robust_evaluate",
     # symmetry: spec inference
     "infer_spec", "capture_sites",
@@ -96,6 +104,9 @@ __all__ = [
     "LinearPath", "BezierCurve", "PolyChain", "PathEvaluation", "fit_curve", "evaluate_path",
     "load_path", "plot_paths", "landscape", "EnsembleResult", "curve_ensemble",
     "evaluate_ensemble", "fge",
+    # the rest of the field: SWA, instability, AutoNEB, simplexes, subspaces
+    "swa", "instability", "InstabilityResult", "autoneb", "Simplex", "fit_simplex",
+    "simplex_ensemble", "fit_subspace",
     # merging
-    "merge", "merge_methods", "MergedState", "MergeRecipe",
+    "merge", "merge_methods", "MergedState", "MergeRecipe", "merge_files", "streaming_methods",
 ]  # fmt: skip

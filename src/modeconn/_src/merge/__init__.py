@@ -17,6 +17,7 @@ from .recipe import MergeRecipe
 from .regmean import RegMeanMerge, gram_matrices, regmean_solve
 from .slerp import SlerpMerge, slerp
 from .soup import GreedySoupMerge
+from .stream import merge_files, streaming_methods
 from .task_arithmetic import (
     DareParams,
     GeneralizedTaskArithmetic,
@@ -24,8 +25,10 @@ from .task_arithmetic import (
     TiesParams,
     disjoint_merge,
     drop_and_rescale,
+    magnitude_threshold,
     trim_magnitude,
 )
+from .tensorwise import TensorPlan, TensorwiseMerge, kth_smallest_abs
 from .zipit import ZipItMerge, ZipItParams, zip_matching
 
 register(AverageMerge(
@@ -122,6 +125,8 @@ __all__ = [
     "RegMeanMerge",
     "SlerpMerge",
     "TaskArithmeticParams",
+    "TensorPlan",
+    "TensorwiseMerge",
     "TiesParams",
     "diagonal_fisher",
     "disjoint_merge",
@@ -129,11 +134,15 @@ __all__ = [
     "fisher_weighted_average",
     "get_method",
     "gram_matrices",
+    "kth_smallest_abs",
+    "magnitude_threshold",
     "merge",
+    "merge_files",
     "merge_methods",
     "register",
     "regmean_solve",
     "slerp",
+    "streaming_methods",
     "trim_magnitude",
     "BreadcrumbsMerge",
     "BreadcrumbsParams",

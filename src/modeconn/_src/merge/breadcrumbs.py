@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
 import torch
 from pydantic import Field, model_validator
 from torch import Tensor
 
-from .base import MergeInputs, MergeMethod, State, compute_dtype, merge_per_tensor, normalized
+from .base import MergeInputs, compute_dtype, normalized
 from .task_arithmetic import TaskArithmeticParams, disjoint_merge
+from .tensorwise import Rows, TensorPlan, TensorwiseMerge
 
 
 class BreadcrumbsParams(TaskArithmeticParams):
@@ -52,7 +53,7 @@ def breadcrumbs_mask(tau: Tensor, density: float, gamma: float) -> Tensor:
     return mask.view_as(tau)
 
 
-class BreadcrumbsMerge(MergeMethod):
+class BreadcrumbsMerge(TensorwiseMerge):
     """Model Breadcrumbs (Davari & Belilovsky, "Model Breadcrumbs: Scaling Multi-Task Model
     Merging with Sparse Masks", ECCV 2024).
 
@@ -65,18 +66,17 @@ class BreadcrumbsMerge(MergeMethod):
 
     Params = BreadcrumbsParams
     needs_base = True
-    per_tensor = True  # output tensor k depends on the inputs' tensors k only (streamable)
 
-    def combiner(self, states: Sequence[Mapping[str, Tensor]], params: Any,
-                 inputs: MergeInputs) -> Callable[[str, list[Tensor]], Tensor]:
-        """The per-tensor ``combine(key, tensors)`` (usable by streaming merges)."""
+    def plan(self, states: Sequence[Mapping[str, Tensor]], params: Any,
+             inputs: MergeInputs) -> TensorPlan:
+        """The per-tensor plan (``mc.merge`` and ``mc.merge_files`` run it alike)."""
         assert inputs.base is not None
         base = inputs.base
         w = inputs.weight_list(len(states))
         normalize = params.consensus if params.normalize is None else params.normalize
         coef = normalized(w) if normalize and not params.consensus else w
 
-        def combine(key: str, ts: list[Tensor]) -> Tensor:
+        def combine(key: str, ts: list[Tensor], rows: Rows) -> Tensor:
             dt = compute_dtype(ts[0])
             b = base[key].to(dt)
             taus = [t.to(dt) - b for t in ts]
@@ -88,10 +88,5 @@ class BreadcrumbsMerge(MergeMethod):
                 tau = cast(Tensor, sum(c * t for c, t in zip(coef, taus, strict=True)))
             return b + params.scale * tau
 
-        return combine
-
-    def run(self, states: Sequence[Mapping[str, Tensor]], params: Any,
-            inputs: MergeInputs) -> State:
-        w = inputs.weight_list(len(states))
         stat_w = [abs(x) for x in w] if any(w) else [1.0] * len(w)
-        return merge_per_tensor(states, stat_w, self.combiner(states, params, inputs))
+        return TensorPlan(combine, stat_w)

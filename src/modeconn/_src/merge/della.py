@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from pydantic import Field, model_validator
 from torch import Tensor
 
-from .base import MergeInputs, MergeMethod, State, compute_dtype, merge_per_tensor
+from .base import MergeInputs, compute_dtype
 from .task_arithmetic import TaskArithmeticParams, disjoint_merge
+from .tensorwise import Rows, TensorPlan, TensorwiseMerge
 
 
 class DellaParams(TaskArithmeticParams):
@@ -61,7 +62,7 @@ def magprune(tau: Tensor, density: float, epsilon: float, generator: torch.Gener
     return out.reshape(tau.shape)
 
 
-class DellaMerge(MergeMethod):
+class DellaMerge(TensorwiseMerge):
     """DELLA-Merging (Deep, Bhardwaj & Akbik, "DELLA-Merging: Reducing Interference in Model
     Merging through Magnitude-Based Sampling", 2024).
 
@@ -75,12 +76,11 @@ class DellaMerge(MergeMethod):
 
     Params = DellaParams
     needs_base = True
-    per_tensor = True  # output tensor k depends on the inputs' tensors k only (streamable)
 
-    def combiner(self, states: Sequence[Mapping[str, Tensor]], params: Any,
-                 inputs: MergeInputs) -> Callable[[str, list[Tensor]], Tensor]:
-        """The per-tensor ``combine(key, tensors)`` (usable by streaming merges; the masks
-        follow the order in which tensors are combined)."""
+    def plan(self, states: Sequence[Mapping[str, Tensor]], params: Any,
+             inputs: MergeInputs) -> TensorPlan:
+        """The per-tensor plan (``mc.merge`` and ``mc.merge_files`` run it alike; the masks
+        follow the state's key order)."""
         assert inputs.base is not None
         base = inputs.base
         w = inputs.weight_list(len(states))
@@ -88,17 +88,12 @@ class DellaMerge(MergeMethod):
         gens = [torch.Generator().manual_seed(params.seed * 100_003 + i)
                 for i in range(len(states))]
 
-        def combine(key: str, ts: list[Tensor]) -> Tensor:
+        def combine(key: str, ts: list[Tensor], rows: Rows) -> Tensor:
             dt = compute_dtype(ts[0])
             b = base[key].to(dt)
             taus = [magprune(t.to(dt) - b, params.density, params.epsilon, g)
                     for t, g in zip(ts, gens, strict=True)]
             return b + params.scale * disjoint_merge(taus, w, normalize)
 
-        return combine
-
-    def run(self, states: Sequence[Mapping[str, Tensor]], params: Any,
-            inputs: MergeInputs) -> State:
-        w = inputs.weight_list(len(states))
         stat_w = [abs(x) for x in w] if any(w) else [1.0] * len(w)
-        return merge_per_tensor(states, stat_w, self.combiner(states, params, inputs))
+        return TensorPlan(combine, stat_w)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from itertools import combinations
 from typing import Any
 
@@ -10,7 +10,8 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from .base import MergeInputs, MergeMethod, Params, State, compute_dtype, merge_per_tensor
+from .base import MergeInputs, Params, compute_dtype
+from .tensorwise import Rows, TensorPlan, TensorwiseMerge
 
 
 class ModelStockParams(Params):
@@ -71,7 +72,7 @@ def model_stock_tensor(base: Tensor, tensors: Sequence[Tensor], *, filter_wise: 
     return (t * avg + (1 - t) * b).reshape(shape)
 
 
-class ModelStockMerge(MergeMethod):
+class ModelStockMerge(TensorwiseMerge):
     """Model Stock (Jang, Yun & Han, "Model Stock: All we need is just a few fine-tuned models",
     ECCV 2024): ``theta_H = t * mean_i theta_i + (1 - t) * theta_0`` per tensor with
     ``t = N cos / (1 + (N - 1) cos)`` and ``cos`` the mean pairwise cosine of the task vectors
@@ -82,19 +83,17 @@ class ModelStockMerge(MergeMethod):
 
     Params = ModelStockParams
     needs_base = True
-    per_tensor = True  # output tensor k depends on the inputs' tensors k only (streamable)
     weighted = False
     min_models = 2
 
-    def combiner(self, states: Sequence[Mapping[str, Tensor]], params: Any,
-                 inputs: MergeInputs) -> Callable[[str, list[Tensor]], Tensor]:
-        """The per-tensor ``combine(key, tensors)`` (usable by streaming merges)."""
+    def plan(self, states: Sequence[Mapping[str, Tensor]], params: Any,
+             inputs: MergeInputs) -> TensorPlan:
+        """The per-tensor plan (``mc.merge`` and ``mc.merge_files`` run it alike)."""
         assert inputs.base is not None
         base = inputs.base
-        return lambda key, ts: model_stock_tensor(base[key], ts, filter_wise=params.filter_wise,
-                                                  eps=params.eps, min_cos=params.min_cos)
 
-    def run(self, states: Sequence[Mapping[str, Tensor]], params: Any,
-            inputs: MergeInputs) -> State:
-        return merge_per_tensor(states, [1.0] * len(states),
-                                self.combiner(states, params, inputs))
+        def combine(key: str, ts: list[Tensor], rows: Rows) -> Tensor:
+            return model_stock_tensor(base[key], ts, filter_wise=params.filter_wise,
+                                      eps=params.eps, min_cos=params.min_cos)
+
+        return TensorPlan(combine, [1.0] * len(states))
