@@ -37,6 +37,14 @@ def breadcrumbs_mask(tau: Tensor, density: float, gamma: float) -> Tensor:
     ``floor(density·n)`` entries (mergekit's ``magnitude_outliers`` counts; ties broken by a
     stable sort). ``density = 1`` keeps everything.
 
+    Args:
+        tau: a task vector's tensor.
+        density: fraction of entries kept.
+        gamma: fraction of the largest magnitudes removed.
+
+    Returns:
+        A boolean mask of ``tau``'s shape (True: kept).
+
     Example:
         >>> breadcrumbs_mask(torch.tensor([5.0, -0.1, 2.0, -1.0, 0.2]), 0.4, 0.2).tolist()
         [False, False, True, True, False]

@@ -43,6 +43,15 @@ def magprune(tau: Tensor, density: float, epsilon: float, generator: torch.Gener
     with ``density``. ``density = 1``: unchanged. The mask is drawn on the CPU from
     ``generator``. (mergekit's ``della_magprune`` ranks the same way.)
 
+    Args:
+        tau: a task vector's tensor.
+        density: mean keep probability (``1 - p``).
+        epsilon: half-width of the keep probabilities' range.
+        generator: the CPU generator of the drops.
+
+    Returns:
+        The pruned and rescaled tensor (``tau``'s shape, dtype and device).
+
     Example:
         >>> g = torch.Generator().manual_seed(0)
         >>> magprune(torch.tensor([1.0, -2.0]), 1.0, 0.0, g).tolist()

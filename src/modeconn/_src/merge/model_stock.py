@@ -43,6 +43,16 @@ def model_stock_tensor(base: Tensor, tensors: Sequence[Tensor], *, filter_wise: 
     vectors give ``theta_0`` instead of ``t < 0``, or ``|t|`` exploding near
     ``cos = -1/(N - 1)``); ``min_cos=None`` is mergekit's ``model_stock`` exactly.
 
+    Args:
+        base: ``theta_0``'s tensor.
+        tensors: the fine-tuned models' tensors (N >= 2, same shape).
+        filter_wise: one ratio per output row instead of one per tensor.
+        eps: floor of ``|tau_i| |tau_j|``.
+        min_cos: floor of the mean cosine (``None``: none).
+
+    Returns:
+        ``theta_H`` (compute dtype: float64 for float64 inputs, else float32).
+
     Example:
         >>> b = torch.zeros(2)
         >>> model_stock_tensor(b, [torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])]).tolist()
