@@ -35,7 +35,8 @@ def breadcrumbs_mask(tau: Tensor, density: float, gamma: float) -> Tensor:
     """Keep the entries between the tails: drop the ``floor(gamma·n)`` largest ``|tau|`` (the
     outliers) and the ``n - floor(density·n) - floor(gamma·n)`` smallest, keeping
     ``floor(density·n)`` entries (mergekit's ``magnitude_outliers`` counts; ties broken by a
-    stable sort). ``density = 1`` keeps everything.
+    stable sort). ``density = 1`` keeps everything. (Where ``floor(gamma·n) = 0`` mergekit's
+    slice ``[n_bot:-0]`` keeps nothing; here no outlier is removed.)
 
     Args:
         tau: a task vector's tensor.

@@ -41,7 +41,8 @@ def magprune(tau: Tensor, density: float, epsilon: float, generator: torch.Gener
     ``k = density - epsilon + 2·epsilon·r`` (drop probability ``p = 1 - k``); a kept entry is
     divided by ``k`` (``1 / (1 - p)``, so the expectation is ``tau``). A single-entry row keeps
     with ``density``. ``density = 1``: unchanged. The mask is drawn on the CPU from
-    ``generator``. (mergekit's ``della_magprune`` ranks the same way.)
+    ``generator``. (mergekit's ``della_magprune`` ranks and draws the same way; its survivors are
+    rescaled by a norm ratio, or not at all, where the paper, and this function, divide by ``k``.)
 
     Args:
         tau: a task vector's tensor.
