@@ -40,6 +40,8 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from .errors import SpecError
+from .symmetry.attention import resolve_heads
+from .symmetry.axes import AxisVars
 from .spec import Heads, PermutationSpec, Site, Slot, apply_permutation, random_permutation
 from .trace import (
     ELEMENTWISE_MODULES,
@@ -59,107 +61,7 @@ __all__ = ["infer_spec", "capture_sites"]
 # ================================================================================================
 # Union-find over axis variables, with sum/product structure
 # ================================================================================================
-class _Vars:
-    def __init__(self) -> None:
-        self.parent: list[int] = []
-        self.size: list[int] = []
-        self.pinned: list[bool] = []
-        self.defn: dict[int, tuple[str, tuple[int, ...]]] = {}  # root -> ("sum"|"prod", children)
-        self.label: dict[int, str] = {}  # var -> producer label (module path / param name)
-
-    def new(self, size: int, pinned: bool = False, label: str | None = None) -> int:
-        v = len(self.parent)
-        self.parent.append(v)
-        self.size.append(int(size))
-        self.pinned.append(pinned)
-        if label:
-            self.label[v] = label
-        return v
-
-    def find(self, v: int) -> int:
-        root = v
-        while self.parent[root] != root:
-            root = self.parent[root]
-        while self.parent[v] != root:
-            self.parent[v], v = root, self.parent[v]
-        return root
-
-    def pin(self, v: int) -> None:
-        self.pinned[self.find(v)] = True
-
-    def is_pinned(self, v: int) -> bool:
-        return self.pinned[self.find(v)]
-
-    def structure(self, kind: str, children: Sequence[int]) -> int:
-        """A new variable equal to the sum/product of ``children`` (trivial factors dropped)."""
-        ch = [c for c in children if self.size[c] != (1 if kind == "prod" else 0)]
-        if len(ch) == 1:
-            return ch[0]
-        if kind == "prod" and len(ch) > 2:  # canonical: right-nested binary products
-            ch = [ch[0], self.structure("prod", ch[1:])]
-        total = (
-            math.prod(self.size[c] for c in ch) if kind == "prod" else sum(self.size[c] for c in ch)
-        )
-        v = self.new(total)
-        if ch:
-            self.defn[v] = (kind, tuple(ch))
-        return v
-
-    def union(self, a: int, b: int) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra == rb:
-            return
-        if self.size[ra] != self.size[rb]:  # cannot happen for sound rules; stay safe
-            self.pinned[ra] = self.pinned[rb] = True
-            return
-        da, db = self.defn.pop(ra, None), self.defn.pop(rb, None)
-        self.parent[rb] = ra
-        self.pinned[ra] = self.pinned[ra] or self.pinned[rb]
-        if da and db:
-            same = (
-                da[0] == db[0]
-                and len(da[1]) == len(db[1])
-                and all(self.size[x] == self.size[y] for x, y in zip(da[1], db[1], strict=True))
-            )
-            self.defn[self.find(ra)] = da
-            if same:
-                for x, y in zip(da[1], db[1], strict=True):
-                    self.union(x, y)
-            else:  # two incompatible structures: no permutation respects both
-                self.pinned[self.find(ra)] = True
-                for c in (*da[1], *db[1]):
-                    self.pin(c)
-        elif da or db:
-            self.defn[self.find(ra)] = da or db  # type: ignore[assignment]
-
-    def defn_of(self, v: int) -> tuple[str, tuple[int, ...]] | None:
-        return self.defn.get(self.find(v))
-
-    def close(self) -> None:
-        """Spread pins down (and up, when all parts are pinned); merge congruent structures."""
-        changed = True
-        while changed:
-            changed = False
-            table: dict[tuple[Any, ...], int] = {}
-            for r in list(self.defn):
-                if r not in self.defn or self.find(r) != r:
-                    continue
-                kind, ch = self.defn[r]
-                if self.pinned[r]:
-                    for c in ch:
-                        if not self.is_pinned(c):
-                            self.pin(c)
-                            changed = True
-                elif all(self.is_pinned(c) for c in ch):
-                    self.pinned[r] = True
-                    changed = True
-                key = (kind, tuple(self.find(c) for c in ch))
-                other = table.get(key)
-                if other is not None and self.find(other) != self.find(r):
-                    self.union(other, r)
-                    changed = True
-                else:
-                    table[key] = r
+_Vars = AxisVars
 
 
 # An axis description of a traced value: a tuple of variables (one per axis) for a tensor, a
@@ -1316,91 +1218,10 @@ class _Analysis:
 
     # --- attention groups --------------------------------------------------------------------
     def resolve_heads(self) -> None:
-        """Keep a product ``h ⊗ d`` of free classes as an attention group only where that is sound.
-
-        Heads groups let the inner class ``d`` be permuted differently inside each head, so ``h``
-        and ``d`` must occur nowhere else: ``h`` is the outer factor of products whose inners are
-        all free (a product ``h ⊗ pinned``, e.g. rotary q/k dims next to free v dims, would give
-        ``h`` a second, independent group), it is no parameter axis, summand or inner factor;
-        every ``d`` is the inner factor of products with outer ``h`` only, and head-local. Where
-        this fails, the inners are pinned and ``h`` stays one plain group (whole heads move).
-        """
-        V = self.V
-        while True:
-            V.close()
-            as_outer: dict[int, list[tuple[int, int]]] = {}  # class -> [(product, inner)]
-            as_inner: dict[int, set[int]] = {}  # class -> outer classes of its products
-            in_sum: set[int] = set()
-            for r, (kind, ch) in list(V.defn.items()):
-                if V.find(r) != r or V.pinned[r]:
-                    continue
-                if kind == "sum":
-                    in_sum.update(V.find(c) for c in ch)
-                    continue
-                a, b = V.find(ch[0]), V.find(ch[1])
-                as_outer.setdefault(a, []).append((r, b))
-                as_inner.setdefault(b, set()).add(a)
-            param_classes = {V.find(v) for d in self.param_vars.values() for v in d}
-            changed = False
-            for a, ps in as_outer.items():
-                if V.pinned[a]:
-                    continue
-                inners = [b for _, b in ps]
-                ok = (
-                    a not in V.defn
-                    and a not in param_classes
-                    and a not in in_sum
-                    and a not in as_inner
-                    and all(
-                        not V.pinned[b]
-                        and b not in V.defn
-                        and b not in in_sum
-                        and b not in as_outer
-                        and b not in param_classes
-                        and as_inner[b] == {a}
-                        for b in inners
-                    )
-                )
-                if ok:
-                    ok = self.head_local(a, set(inners))
-                if not ok:
-                    for b in inners:
-                        if not V.pinned[b]:
-                            V.pin(b)
-                            changed = True
-            if not changed:
-                break
-        # the surviving products are attention groups keyed by their head class
-        self.segments: dict[int, tuple[list[int], list[tuple[int, int]]]] = {}
-        self.seg_of: dict[int, tuple[int, int]] = {}
-        order = sorted(
-            (
-                r
-                for r, (k, _) in V.defn.items()
-                if k == "prod"
-                and V.find(r) == r
-                and not V.pinned[r]
-                and not V.is_pinned(V.defn[r][1][0])
-                and not V.is_pinned(V.defn[r][1][1])
-            ),
-            key=lambda r: r,
+        lay = resolve_heads(
+            self.V, {v for d in self.param_vars.values() for v in d}, self.all_descs
         )
-        for r in order:
-            a = V.find(V.defn[r][1][0])
-            b = V.find(V.defn[r][1][1])
-            members, segs = self.segments.setdefault(a, ([], []))
-            start = sum(V.size[m] for m in members)
-            members.append(r)
-            segs.append((start, V.size[b]))
-            self.seg_of[r] = (a, start)
-
-    def head_local(self, a: int, inners: set[int]) -> bool:
-        V = self.V
-        for d in self.all_descs:
-            roots = {V.find(v) for v in d}
-            if roots & inners and a not in roots:
-                return False
-        return True
+        self.segments, self.seg_of = lay.segments, lay.seg_of
 
     # --- slots ----------------------------------------------------------------------------------
     def emit(self, v: int, offset: int, reps: int, stride: int, block: int, out: list[Any]) -> None:
