@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import modeconn as mc
-from modeconn._src.infer import _Analysis
-from modeconn._src.trace import trace_model
+from modeconn._src.symmetry.emit import emit_spec
+from modeconn._src.symmetry.tracer import trace_model
+from modeconn._src.symmetry.walk import Walk
 
 
 class ResBlock(nn.Module):
@@ -56,9 +57,9 @@ def _report(name: str, model: nn.Module, x: torch.Tensor, blocks: int) -> None:
     tr = trace_model(model, x)
 
     def analyse() -> None:
-        an = _Analysis(model, tr, warn=False)
+        an = Walk(model, tr, warn=False)
         an.run()
-        an.finish()
+        emit_spec(an)
 
     an_t = _time(analyse)
     total_nv = _time(lambda: mc.infer_spec(model, x, verify=False))

@@ -549,7 +549,7 @@ def test_untraceable_model_raises_spec_error_naming_the_fix():
 
 
 def test_verification_drops_a_wrong_group():
-    from modeconn._src import infer as infer_mod
+    from modeconn._src.symmetry.verify import verify_spec
 
     model = randomize(
         nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 2))
@@ -561,7 +561,7 @@ def test_verification_drops_a_wrong_group():
         slots={**good.slots, "bad": (mc.Slot("2.bias", 0),)},  # a bias alone: breaks the function
     )
     with pytest.warns(UserWarning, match="bad"):
-        fixed = infer_mod._verify(model, wrong, {"input": x}, warn=True)
+        fixed = verify_spec(model, wrong, {"input": x}, warn=True)
     assert set(fixed.groups) == set(good.groups)
 
 
@@ -1032,6 +1032,6 @@ def test_parametrized_weights_are_pinned_with_a_warning():
             nn.Linear(6, 2),
         )
     )
-    with pytest.warns(UserWarning, match=r"module '2' .*weight is computed"):
+    with pytest.warns(UserWarning, match=r"ParametrizedLinear '2'.*weight is computed"):
         spec = mc.infer_spec(model, torch.randn(4, 3), verify=False)
     assert spec.groups == {}

@@ -40,7 +40,7 @@ from ._src.io import Checkpoint, load_checkpoint, load_model, save_checkpoint
 from ._src.train import TrainResult, train
 
 # --- symmetry: spec inference ----------------------------------------------------------------
-from ._src.infer import capture_sites, infer_spec
+from ._src.symmetry import capture_sites, infer_spec, register_rule
 
 # --- alignment ---------------------------------------------------------------------------------
 from ._src.align import align, align_states, aligner_names, merge_many, register_aligner
@@ -84,7 +84,7 @@ __all__ = [
     "models", "data", "Checkpoint", "save_checkpoint", "load_checkpoint", "load_model",
     "TrainResult", "train", "PGDConfig", "pgd_attack", "robust_evaluate",
     # symmetry: spec inference
-    "infer_spec", "capture_sites",
+    "infer_spec", "capture_sites", "register_rule",
     # alignment
     "align", "align_states", "aligner_names", "register_aligner", "weight_matching",
     "weight_objective", "activation_matching", "ste_matching", "sinkhorn_matching", "merge_many",

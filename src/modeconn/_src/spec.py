@@ -190,6 +190,8 @@ class PermutationSpec:
             "slots": {g: [_compact(asdict(s)) for s in ss] for g, ss in self.slots.items()},
             "sites": {g: [_compact(asdict(s)) for s in ss] for g, ss in self.sites.items()},
             "heads": {g: h.to_dict() for g, h in self.heads.items()},
+            **({"pins": {p: {str(a): w for a, w in ax.items()} for p, ax in self.pins.items()}}
+               if self.pins else {}),  # fmt: skip
         }
 
     @classmethod
@@ -207,6 +209,9 @@ class PermutationSpec:
                 slots={g: tuple(Slot(**s) for s in ss) for g, ss in d.get("slots", {}).items()},
                 sites={g: tuple(Site(**s) for s in ss) for g, ss in d.get("sites", {}).items()},
                 heads={g: Heads.from_dict(h) for g, h in d.get("heads", {}).items()},
+                pins={
+                    p: {int(a): str(w) for a, w in ax.items()} for p, ax in d.get("pins", {}).items()
+                },
             )
         except (KeyError, TypeError, ValueError) as e:
             raise SpecError(f"malformed permutation spec: {e}") from e

@@ -110,9 +110,10 @@ def sdpa_rule(w: Walk, call: Call) -> Desc:
     out_val = call.out
     if not (_is_t(q) and _is_t(k) and _is_t(v)) or not isinstance(out_val, Tensor):
         return w.unknown(call, "unexpected inputs")
-    if call.kwargs.get("enable_gqa") and w.value(call.arg(1, "key")).shape != w.value(
-        call.arg(0, "query")
-    ).shape:
+    if (
+        call.kwargs.get("enable_gqa")
+        and w.value(call.arg(1, "key")).shape != w.value(call.arg(0, "query")).shape
+    ):
         return w.unknown(call, "grouped-query attention")
     n = len(out_val.shape)
     batch = w.broadcast([q[:-2], k[:-2], v[:-2]], out_val.shape[:-2])
@@ -150,9 +151,7 @@ def head_local(V: AxisVars, a: int, inners: set[int], descs: Iterable[tuple[int,
     return True
 
 
-def resolve_heads(
-    V: AxisVars, param_classes: set[int], descs: list[tuple[int, ...]]
-) -> HeadLayout:
+def resolve_heads(V: AxisVars, param_classes: set[int], descs: list[tuple[int, ...]]) -> HeadLayout:
     """Keep a product ``h ⊗ d`` of free classes as an attention group only where that is sound.
 
     Heads groups let the inner class ``d`` be permuted differently inside each head, so ``h``
@@ -234,5 +233,3 @@ def resolve_heads(
         segs.append((start, V.size[b]))
         layout.seg_of[r] = (a, start)
     return layout
-
-

@@ -9,6 +9,7 @@ module's weight and bias), so each op is written once.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -18,7 +19,16 @@ from torch import fx, nn
 if TYPE_CHECKING:
     from .walk import Walk
 
-__all__ = ["Call", "Rule", "rule", "register", "lookup", "module_rule", "registered"]
+__all__ = [
+    "Call",
+    "Rule",
+    "rule",
+    "register",
+    "lookup",
+    "module_rule",
+    "registered",
+    "user_functions",
+]
 
 # An axis description of a traced value: a tuple of variables (one per axis) for a tensor, a
 # list of descriptions for a tuple/list, or None for anything that carries no tensor.
@@ -62,14 +72,41 @@ _BY_NAME: dict[str, Rule] = {}
 _BY_MODULE: dict[type, Rule] = {}
 
 
-def register(target: Any, fn: Rule) -> None:
-    """Make ``fn`` the rule of ``target``: an op name (str), a module type, or a callable."""
+_USER_FUNCTIONS: set[Any] = set()  # plain functions the tracer must record as one op
+
+
+def register(target: Any, fn: Rule | None) -> None:
+    """Make ``fn`` the rule of ``target``: an op name (str), a module type, or a callable
+    (``fn=None`` removes the rule)."""
+    table: dict[Any, Rule]
     if isinstance(target, str):
-        _BY_NAME[target] = fn
+        table = _BY_NAME
     elif isinstance(target, type) and issubclass(target, nn.Module):
-        _BY_MODULE[target] = fn
+        table = _BY_MODULE
     else:
-        _BY_OBJECT[target] = fn
+        table = _BY_OBJECT
+        mod = getattr(target, "__module__", None) or ""
+        plain = not isinstance(target, type) and not mod.startswith(("torch", "operator"))
+        if plain and fn is not None:
+            _USER_FUNCTIONS.add(target)
+        else:
+            _USER_FUNCTIONS.discard(target)
+    if fn is None:
+        table.pop(target, None)
+    else:
+        table[target] = fn
+
+
+def user_functions() -> list[tuple[dict[str, Any], str, Any]]:
+    """Every (namespace, name, function) from which a registered plain function can be called."""
+    out = []
+    for fn in _USER_FUNCTIONS:
+        name = getattr(fn, "__name__", "")
+        for mod in list(sys.modules.values()):
+            ns = getattr(mod, "__dict__", None)
+            if name and isinstance(ns, dict) and ns.get(name) is fn:
+                out.append((ns, name, fn))
+    return out
 
 
 def rule(*targets: Any) -> Callable[[Rule], Rule]:
@@ -113,7 +150,7 @@ def module_rule(m: nn.Module) -> Rule | None:
     fwd = type(m).forward
     for cls in type(m).__mro__:
         if cls in _BY_MODULE:
-            return _BY_MODULE[cls] if cls.forward is fwd else None
+            return _BY_MODULE[cls] if getattr(cls, "forward", None) is fwd else None
     return None
 
 

@@ -1,24 +1,29 @@
 """modeconn's torch.fx tracer: a graph of the forward pass with every node's example value.
 
 ``infer_spec`` and ``capture_sites`` both trace through :func:`trace_model`, so fx node names (the
-``node`` of a :class:`~modeconn._src.spec.Site`) agree between them. The tracer is a
-``torch.fx.Tracer`` that
+``node`` of a :class:`~modeconn._src.spec.Site`) agree between them. The tracer reads what eager
+code reads:
 
-- keeps a fixed set of modules whose symmetry modeconn knows (Linear, Conv, norms, activations,
-  ``nn.MultiheadAttention``, ...) as leaves and traces through everything else, including other
-  ``torch.nn`` modules such as ``nn.TransformerEncoderLayer``;
-- runs every node on the example inputs while it traces (shapes for free, like
-  ``torch.fx.passes.shape_prop.ShapeProp``), and answers Python control flow on traced values
-  (``if x.dim() == 3``, ``len(x)``, ``int(n)``) with the example's value, so code written for
-  eager mode (Hugging Face models included) traces; the graph is specialised to that control flow;
-- turns a submodule that cannot be traced into an opaque leaf (the analysis then pins its inputs
-  and outputs) instead of failing the whole model.
+- modules with a rule in the registry stay whole (leaves); everything else is traced into,
+  including a subclass of a known module that overrides ``forward`` (a channels-first LayerNorm)
+  and modules created inside ``forward`` (``nn.ReLU()(x)`` acts as ``F.relu``);
+- every node runs on the example inputs while it traces (shapes for free), and Python's questions
+  about traced values (``if x.dim() == 3``, ``len(x)``, ``int(n)``, ``range(n)``) get the example's
+  answer; tensor metadata (``x.dtype``, ``x.device``, ``x.ndim``) is the example's, so
+  ``torch.finfo(x.dtype)`` works; factory calls sized by traced values (``torch.ones(b, t)``) become
+  graph nodes; a custom ``autograd.Function`` is one node (on every supported torch);
+- a submodule that cannot be traced becomes an opaque leaf (its axes are pinned) with a warning
+  naming the op, file and line; a model that cannot be traced at all raises :class:`SpecError`
+  saying the same and how to fix it.
 """
 
 from __future__ import annotations
 
 import inspect
-import weakref
+import os
+import sys
+import traceback
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,99 +31,61 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from .errors import SpecError
+from ..errors import SpecError
+from .registry import module_rule, user_functions
 
-# Modules whose forward modeconn's analysis understands, by the rule ``infer_spec`` applies to
-# them (the one list of them: the tracer keeps all of them as leaves, never tracing into them).
-# Element-wise, or equivariant to any reordering of every axis (softmax, dropout): output = input.
-ELEMENTWISE_MODULES: tuple[type[nn.Module], ...] = (
-    nn.ReLU,
-    nn.ReLU6,
-    nn.LeakyReLU,
-    nn.RReLU,
-    nn.ELU,
-    nn.SELU,
-    nn.CELU,
-    nn.GELU,
-    nn.SiLU,
-    nn.Mish,
-    nn.Sigmoid,
-    nn.Tanh,
-    nn.Hardtanh,
-    nn.Hardsigmoid,
-    nn.Hardswish,
-    nn.Hardshrink,
-    nn.Softshrink,
-    nn.Softplus,
-    nn.Softsign,
-    nn.Tanhshrink,
-    nn.Threshold,
-    nn.LogSigmoid,
-    nn.Identity,
-    nn.Dropout,
-    nn.Dropout1d,
-    nn.Dropout2d,
-    nn.Dropout3d,
-    nn.AlphaDropout,
-    nn.FeatureAlphaDropout,
-    nn.Softmax,
-    nn.LogSoftmax,
-    nn.Softmin,
-    nn.Softmax2d,
-)
-# Act on the trailing spatial axes only.
-POOL_MODULES: tuple[type[nn.Module], ...] = (
-    nn.modules.pooling._MaxPoolNd,
-    nn.modules.pooling._AvgPoolNd,
-    nn.modules.pooling._AdaptiveAvgPoolNd,
-    nn.modules.pooling._AdaptiveMaxPoolNd,
-    nn.modules.pooling._LPPoolNd,
-)
-PAD_MODULES: tuple[type[nn.Module], ...] = (  # ZeroPad*d are _ConstantPadNd
-    nn.modules.padding._ConstantPadNd,
-    nn.modules.padding._ReflectionPadNd,
-    nn.modules.padding._ReplicationPadNd,
-    nn.modules.padding._CircularPadNd,
-)
-# Normalise (and scale) the trailing ``normalized_shape`` axes.
-NORM_LAST_MODULES: tuple[type[nn.Module], ...] = (nn.LayerNorm,) + (
-    (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
-)
-KNOWN_LEAVES: tuple[type[nn.Module], ...] = (
-    (
-        nn.Linear,
-        nn.modules.conv._ConvNd,
-        nn.modules.batchnorm._BatchNorm,
-        nn.modules.instancenorm._InstanceNorm,
-        nn.GroupNorm,
-        nn.Embedding,
-        nn.MultiheadAttention,
-        nn.Flatten,
-        nn.Unflatten,
-        nn.PReLU,
-        nn.GLU,
-        nn.Upsample,
-        # kept whole, then pinned as ops of unknown symmetry (mix or reorder hidden units)
-        nn.Bilinear,
-        nn.LocalResponseNorm,
-        nn.EmbeddingBag,
-        nn.PixelShuffle,
-        nn.PixelUnshuffle,
-        nn.ChannelShuffle,
-    )
-    + ELEMENTWISE_MODULES
-    + POOL_MODULES
-    + PAD_MODULES
-    + NORM_LAST_MODULES
+__all__ = ["Trace", "trace_model", "traced_root", "call_args", "FIX_HINT"]
+
+FIX_HINT = (
+    "fix: teach modeconn the op with mc.register_rule(op, rule), or write the spec by hand "
+    "(mc.PermutationSpec.from_axes({group: size}, {param: (group or None per axis)})) and pass "
+    "spec=..., or keep the submodule whole with infer_spec(..., leaf_modules=[...])"
 )
 
 
-HAND_SPEC_HINT = (
-    "write the spec by hand, spec = mc.PermutationSpec.from_axes({group: size}, "
-    "{param: (group or None for each axis)}), and pass it as spec=... (mc.weight_matching takes "
-    "it first; modeconn align --spec spec.json), or keep the failing submodule whole with "
-    "infer_spec(..., leaf_modules=[...])"
+def _words(text: str) -> list[str]:
+    return text.split()
+
+
+# tensor metadata answered from the example (never a graph node)
+_META = frozenset(
+    _words("""
+    dtype device ndim layout is_cuda is_sparse is_quantized is_meta is_mkldnn is_nested
+    requires_grad is_leaf
+""")
 )
+# factory functions a traced size can reach (torch.ones(b, t)): recorded as graph nodes
+_FACTORIES = _words("""
+    ones zeros empty full rand randn randint arange eye linspace logspace tensor as_tensor
+    scalar_tensor tril_indices triu_indices
+""")
+_HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_TORCH = os.path.dirname(os.path.abspath(torch.__file__))
+_THIS = os.path.abspath(__file__)
+
+
+def user_frame(tb: Any = None) -> str:
+    """``file:line`` of the innermost frame outside torch and modeconn (the model's source)."""
+    frames = traceback.extract_tb(tb) if tb is not None else traceback.extract_stack()
+    for fr in reversed(frames):
+        f = os.path.abspath(fr.filename)
+        if f.startswith(_HERE):  # reached modeconn itself: no model source in between
+            return ""
+        if not f.startswith(_TORCH) and "<" not in fr.filename[:1]:
+            return f"{os.path.basename(f)}:{fr.lineno}"
+    return ""
+
+
+def _where_now() -> str:
+    f: Any = sys._getframe(2)
+    while f is not None:
+        fn = os.path.abspath(f.f_code.co_filename)
+        if fn.startswith(_HERE) and fn != _THIS:
+            return ""
+        if not fn.startswith((_TORCH, _THIS)) and not f.f_code.co_filename.startswith("<"):
+            return f"{os.path.basename(fn)}:{f.f_lineno}"
+        f = f.f_back
+    return ""
 
 
 @dataclass
@@ -130,10 +97,11 @@ class Trace:
     opaque: set[str] = field(default_factory=set)  # module paths traced as unknown leaves
     root: nn.Module | None = None  # the traced module: the model, or a wrapper around it
     prefix: str = ""  # "model." when the model was traced through a wrapper
+    where: dict[fx.Node, str] = field(default_factory=dict)  # node -> "file:line"
 
 
 class _ValueProxy(fx.Proxy):
-    """An fx Proxy answering Python's questions (len, int, bool, iter) from its example value."""
+    """An fx Proxy answering Python's questions (len, int, bool, iter, metadata) from its value."""
 
     def _value(self) -> Any:
         return self.tracer.values[self.node]  # type: ignore[attr-defined]
@@ -144,12 +112,32 @@ class _ValueProxy(fx.Proxy):
     def __int__(self) -> int:
         return int(self._value())
 
+    def __index__(self) -> int:
+        return int(self._value())
+
     def __float__(self) -> float:
         return float(self._value())
+
+    def __getattr__(self, k: str) -> Any:
+        if k in _META:
+            return getattr(self._value(), k)
+        return super().__getattr__(k)
 
 
 def _to_value(tracer: _Tracer, a: Any) -> Any:
     return fx.node.map_aggregate(a, lambda x: tracer.values[x] if isinstance(x, fx.Node) else x)
+
+
+def _has_proxy(a: Any) -> bool:
+    found = False
+
+    def look(x: Any) -> Any:
+        nonlocal found
+        found = found or isinstance(x, fx.Proxy)
+        return x
+
+    fx.node.map_aggregate(a, look)
+    return found
 
 
 class _Tracer(fx.Tracer):
@@ -160,18 +148,23 @@ class _Tracer(fx.Tracer):
         self.leaf_types = leaf_types
         self.leaf_paths = leaf_paths
         self.values: dict[fx.Node, Any] = {}
+        self.where: dict[fx.Node, str] = {}
         self.failed_path: str | None = None
         self.failed_error: BaseException | None = None
         self.computing = False
 
     # --- which modules stay whole -------------------------------------------------------------
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if module_qualified_name in self.leaf_paths:
+        if module_qualified_name in self.leaf_paths or isinstance(m, self.leaf_types):
             return True
-        return isinstance(m, self.leaf_types)
+        return module_rule(m) is not None
 
     def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
         if self.computing:  # a leaf module's own children, run for its example value
+            return forward(*args, **kwargs)
+        try:
+            self.path_of_module(m)
+        except NameError:  # created inside forward: act as its functional form (trace into it)
             return forward(*args, **kwargs)
         try:
             return super().call_module(m, forward, args, kwargs)
@@ -229,6 +222,7 @@ class _Tracer(fx.Tracer):
             # concrete (defaulted) arguments become placeholders named like "mask_1"
             self.values[node] = self.inputs.get(str(target), node.args[0] if node.args else None)
             return p
+        self.where[node] = _where_now()
         a, kw = _to_value(self, node.args), _to_value(self, node.kwargs)
         self.computing = True
         try:
@@ -264,6 +258,73 @@ class _Tracer(fx.Tracer):
         return self.values[obj.node].keys()
 
 
+class _FunctionApply:
+    """Graph target for a custom ``torch.autograd.Function``: ``Fn.apply(*args)``, one node."""
+
+    def __init__(self, fn: type[torch.autograd.Function]) -> None:
+        self.fn = fn
+        self.__name__ = f"{fn.__name__}.apply"
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn.apply(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"{self.fn.__qualname__}.apply"
+
+
+class _Patches:
+    """While tracing: ``Function.apply`` and torch's factories record graph nodes for proxies.
+
+    ``Function.apply`` is a classmethod on torch < 2.14 and a C ``classmethod_descriptor`` after;
+    both bind with ``__get__(None, cls)``.
+    """
+
+    def __init__(self, tracer: _Tracer) -> None:
+        self.tracer = tracer
+        self.saved: list[tuple[Any, str, Any]] = []
+
+    def __enter__(self) -> _Patches:
+        tr = self.tracer
+        orig_apply = torch.autograd.Function.__dict__["apply"]
+
+        def apply(cls: type[torch.autograd.Function], *args: Any, **kwargs: Any) -> Any:
+            if not tr.computing and _has_proxy((args, kwargs)):
+                return tr.create_proxy("call_function", _FunctionApply(cls), args, kwargs)
+            return orig_apply.__get__(None, cls)(*args, **kwargs)
+
+        self._set(torch.autograd.Function, "apply", classmethod(apply))
+        for name in _FACTORIES:
+            fn = getattr(torch, name, None)
+            if fn is not None:
+                self._set(torch, name, self._factory(fn))
+        for ns, name, fn in user_functions():  # mc.register_rule(my_function, ...)
+            self.saved.append((ns, name, fn))
+            ns[name] = self._factory(fn)
+        return self
+
+    def _factory(self, fn: Any) -> Any:
+        tr = self.tracer
+
+        def make(*args: Any, **kwargs: Any) -> Any:
+            if not tr.computing and _has_proxy((args, kwargs)):
+                return tr.create_proxy("call_function", fn, args, kwargs)
+            return fn(*args, **kwargs)
+
+        make.__name__ = fn.__name__
+        return make
+
+    def _set(self, obj: Any, name: str, new: Any) -> None:
+        self.saved.append((obj, name, obj.__dict__[name]))
+        setattr(obj, name, new)
+
+    def __exit__(self, *exc: Any) -> None:
+        for obj, name, old in reversed(self.saved):
+            if isinstance(obj, dict):
+                obj[name] = old
+            else:
+                setattr(obj, name, old)
+
+
 def call_args(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """``(args, kwargs)`` to call a model with: a dict is keywords, a tuple/list positional."""
     if isinstance(example_inputs, dict):
@@ -293,25 +354,15 @@ def _make_wrapper(model: nn.Module, n_args: int, kw_names: list[str]) -> nn.Modu
     return w
 
 
-def bind_inputs(model: nn.Module, example_inputs: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Map example inputs onto ``model.forward``'s parameters.
-
-    Returns:
-        ``(inputs, concrete)``: the traced arguments by name, and the defaults of the others.
-    """
+def _bind(model: nn.Module, sig: inspect.Signature, example_inputs: Any) -> inspect.BoundArguments:
     args, kwargs = call_args(example_inputs)
-    sig = inspect.signature(model.forward)
     try:
-        bound = sig.bind(*args, **kwargs)
+        return sig.bind(*args, **kwargs)
     except TypeError as e:
-        raise SpecError(f"example inputs do not fit {type(model).__name__}.forward: {e}") from e
-    inputs = dict(bound.arguments)
-    concrete = {
-        n: p.default
-        for n, p in sig.parameters.items()
-        if n not in inputs and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-    }
-    return inputs, concrete
+        raise SpecError(
+            f"example inputs do not fit {type(model).__name__}.forward: {e}; pass one batch the "
+            "model accepts (a tensor, a tuple of positional inputs, or a dict of keyword inputs)"
+        ) from e
 
 
 def traced_root(
@@ -323,43 +374,22 @@ def traced_root(
         # Hugging Face models: a key/value cache object is runtime state, not part of the function
         example_inputs = {"use_cache": False, **example_inputs}
     if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in sig.parameters.values()):
+        _bind(model, sig, example_inputs)
         args, kwargs = call_args(example_inputs)
-        try:
-            sig.bind(*args, **kwargs)
-        except TypeError as e:
-            raise SpecError(f"example inputs do not fit {type(model).__name__}.forward: {e}") from e
         root = _make_wrapper(model, len(args), list(kwargs))
         names = [f"input_{i}" for i in range(len(args))] + list(kwargs)
         return root, "model.", dict(zip(names, [*args, *kwargs.values()], strict=True)), {}
-    inputs, concrete = bind_inputs(model, example_inputs)
+    inputs = dict(_bind(model, sig, example_inputs).arguments)
+    concrete = {
+        n: p.default
+        for n, p in sig.parameters.items()
+        if n not in inputs and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    }
     return model, "", inputs, concrete
 
 
-class _FunctionApply:
-    """Graph target for a custom ``torch.autograd.Function``: ``Fn.apply(*args)``, one opaque op."""
-
-    def __init__(self, fn: type[torch.autograd.Function]) -> None:
-        self.fn = fn
-        self.__name__ = f"{fn.__name__}_apply"
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.fn.apply(*args, **kwargs)
-
-    def __repr__(self) -> str:
-        return f"{self.fn.__qualname__}.apply"
-
-
-def _patch_autograd_function(tracer: _Tracer) -> Any:
-    orig = torch.autograd.Function.__dict__["apply"]
-
-    def apply(cls: type[torch.autograd.Function], *args: Any, **kwargs: Any) -> Any:
-        has_proxy = any(isinstance(a, fx.Proxy) for a in (*args, *kwargs.values()))
-        if has_proxy and not tracer.computing:
-            return tracer.create_proxy("call_function", _FunctionApply(cls), args, kwargs)
-        return orig.__func__(cls, *args, **kwargs)
-
-    torch.autograd.Function.apply = classmethod(apply)  # type: ignore[method-assign, assignment]
-    return orig
+def _one_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {' '.join(str(e).split())}"
 
 
 def trace_model(
@@ -368,8 +398,8 @@ def trace_model(
     """Trace ``model`` on ``example_inputs`` with modeconn's tracer.
 
     The model is traced in eval mode (its train/eval flags are restored afterwards) and is not
-    modified. A submodule that cannot be traced becomes an opaque leaf; if the model itself
-    cannot be traced, :class:`SpecError` says where and what to do.
+    modified. A submodule that cannot be traced becomes an opaque leaf (with a warning); if the
+    model itself cannot be traced, :class:`SpecError` names the op, its file and line, and the fix.
 
     Args:
         model: the network.
@@ -385,7 +415,7 @@ def trace_model(
         ['placeholder', 'call_module', 'call_module', 'output']
     """
     root, prefix, inputs, concrete = traced_root(model, example_inputs)
-    types = list(KNOWN_LEAVES)
+    types: list[type] = []
     paths: set[str] = set()
     for lm in leaf_modules or ():
         if isinstance(lm, str):
@@ -399,95 +429,49 @@ def trace_model(
     opaque: set[str] = set(paths)
     modes = {m: m.training for m in model.modules()}
     attrs = set(root.__dict__)
+    name = type(model).__name__
     model.eval()
     try:
         for _ in range(len(modes) + 1):
             tracer = _Tracer(inputs, tuple(types), paths)
-            orig_apply = _patch_autograd_function(tracer)
             try:
-                graph = tracer.trace(root, concrete_args=concrete or None)
+                with _Patches(tracer):
+                    graph = tracer.trace(root, concrete_args=concrete or None)
                 gm = fx.GraphModule(root, graph)
             except Exception as e:
+                where = user_frame(e.__traceback__)
+                at = f" at {where}" if where else ""
                 path = tracer.failed_path
                 if not path:
                     raise SpecError(
-                        f"cannot trace {type(model).__name__}: {type(e).__name__}: {e}. "
-                        "Check that example_inputs fit the model; otherwise " + HAND_SPEC_HINT
+                        f"cannot trace {name}{at} ({_one_line(e)}); check that example_inputs "
+                        f"fit the model; {FIX_HINT}"
                     ) from e
-                if path in paths or isinstance(root.get_submodule(path), tuple(types)):
+                sub = root.get_submodule(path)
+                err = tracer.failed_error or e
+                if path in paths or isinstance(sub, tuple(types)) or module_rule(sub) is not None:
                     # a leaf ran on the example values and failed: tracing is not the problem
                     raise SpecError(
-                        f"{type(model).__name__} fails on the example inputs in module "
-                        f"{path[len(prefix) :]!r} ({type(root.get_submodule(path)).__name__}): "
-                        f"{type(tracer.failed_error).__name__}: {tracer.failed_error}; "
-                        "check that example_inputs fit the model"
+                        f"{name} fails on the example inputs in module {path[len(prefix) :]!r} "
+                        f"({type(sub).__name__}){at}: {_one_line(err)}; check that example_inputs "
+                        "fit the model"
                     ) from e
-                import warnings
-
                 warnings.warn(
-                    f"modeconn: module {path[len(prefix) :]!r} "
-                    f"({type(root.get_submodule(path)).__name__}) cannot be traced "
-                    f"({type(tracer.failed_error).__name__}: {tracer.failed_error}); "
-                    "its inputs and outputs are not permuted",
+                    f"modeconn: module {path[len(prefix) :]!r} ({type(sub).__name__}) cannot be "
+                    f"traced{at} ({_one_line(err)}); its inputs and outputs are not permuted; "
+                    f"{FIX_HINT}",
                     stacklevel=3,
                 )
                 paths.add(path)
                 opaque.add(path)
                 continue
             finally:
-                torch.autograd.Function.apply = orig_apply  # type: ignore[method-assign]
-                for name in set(root.__dict__) - attrs:  # fx parks tensor constants on the root
-                    delattr(root, name)
-                for name in [n for n in root._buffers if n.startswith("_tensor_constant")]:
-                    del root._buffers[name]
-            return Trace(gm, tracer.values, opaque, root, prefix)
-        raise SpecError(f"cannot trace {type(model).__name__}; " + HAND_SPEC_HINT)
+                for n in set(root.__dict__) - attrs:  # fx parks tensor constants on the root
+                    delattr(root, n)
+                for n in [n for n in root._buffers if n.startswith("_tensor_constant")]:
+                    del root._buffers[n]
+            return Trace(gm, tracer.values, opaque, root, prefix, tracer.where)
+        raise SpecError(f"cannot trace {name}; {FIX_HINT}")
     finally:
         for m, t in modes.items():
             m.training = t
-
-
-# --- a small cache of graph modules for capture_sites -------------------------------------------
-_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[Any, fx.GraphModule]] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def _signature(example_inputs: Any, batch: bool) -> Any:
-    def sig(x: Any) -> Any:
-        if isinstance(x, torch.Tensor):
-            shape = tuple(x.shape) if batch or x.dim() == 0 else tuple(x.shape[1:])
-            return ("T", shape, x.dtype)
-        if isinstance(x, dict):
-            return tuple((k, sig(v)) for k, v in x.items())
-        if isinstance(x, tuple | list):
-            return tuple(sig(v) for v in x)
-        return ("V", repr(x))
-
-    return sig(example_inputs)
-
-
-def cached_graph(
-    model: nn.Module,
-    example_inputs: Any,
-    leaf_modules: Iterable[Any] | None = None,
-    *,
-    exact: bool = False,
-) -> fx.GraphModule:
-    """The graph module of ``model`` for inputs like ``example_inputs`` (traced once, cached).
-
-    Args:
-        model: the network.
-        example_inputs: as for :func:`trace_model`.
-        leaf_modules: as for :func:`trace_model`.
-        exact: look up by the exact input shapes; otherwise a graph traced for another batch
-            size is reused (call again with ``exact=True`` if it fails to run).
-    """
-    leaves = tuple(map(str, leaf_modules or ()))
-    key = (exact, _signature(example_inputs, batch=exact), leaves)
-    per_model = _CACHE.setdefault(model, {})
-    if key not in per_model:
-        if len(per_model) >= 8:
-            per_model.pop(next(iter(per_model)))
-        per_model[key] = trace_model(model, example_inputs, leaf_modules=leaf_modules).gm
-    return per_model[key]
