@@ -184,8 +184,9 @@ FAMILIES = [
            "one layer shared by both passes: one attention group"),
     Family("electra", enc("ElectraConfig", **BERT, embedding_size=8), RCLS, L, (MHA,), ""),
     # --- encoder-decoders -------------------------------------------------------------------
-    Family("t5", _t5, (), 3, (MHA,),
-           "relative bias of layer 0 reused by every layer: one head permutation per stack"),
+    Family("t5", _t5, (), 3, ((H, H, False, 2 * 8 + 1, 0), (H, H, False, 2 * 8, 0)),
+           "layer 0's relative-bias table (one unit per head) is reused by every layer: one "
+           "head order per stack (encoder, decoder self, decoder cross: its zero bias is shared)"),
     Family("bart", _bart, (), 3 * L, (MHA,), "self + cross attention"),
     Family("whisper", _whisper, (), 3 * L, (MHA,), "conv front end, k_proj without bias"),
     # --- vision -----------------------------------------------------------------------------
@@ -193,8 +194,8 @@ FAMILIES = [
     Family("deit", vision("DeiTConfig", **VIT), CLS, L, (MHA,), "cls + distillation tokens"),
     Family("swin", vision("SwinConfig", size=32, patch_size=4, embed_dim=8, depths=[1, 1],
                           num_heads=[2, 4], window_size=4, mlp_ratio=2.0), CLS, 2,
-           ((2, 2, False, 8, 0), (4, 4, False, 8, 0)),
-           "roll on spatial axes; relative-position table permutes with the heads"),
+           ((2, 2, False, 9, 0), (4, 4, False, 9, 0)),
+           "roll on spatial axes; relative-position table: one unit per head"),
     Family("convnext", vision("ConvNextConfig", num_channels=3, hidden_sizes=[8, 16],
                               depths=[1, 1], num_stages=2, patch_size=4), CLS, 0, (),
            "channels-first LayerNorm subclass"),

@@ -11,13 +11,13 @@ Interface (used by :mod:`.walk` and :mod:`.emit`):
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, cast
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..heads import Heads
 from .axes import AxisVars
 from .registry import Call, Desc, rule
 
@@ -134,102 +134,270 @@ def sdpa_rule(w: Walk, call: Call) -> Desc:
 # ================================================================================================
 @dataclass
 class HeadLayout:
-    """The attention groups: per head class, its member product classes and their segments."""
+    """The attention groups found by :func:`resolve_heads`.
 
-    # head class -> (member product classes, [(first unit, dims per head)] one per member)
+    ``where[c] = (head class, first unit, units, block)`` for every class ``c`` (a root of the
+    union-find) that lives in an attention group: its units are ``units`` consecutive units of
+    the group starting at ``first unit``, and each owns ``block`` consecutive positions (a block of
+    rotary-pinned q/k dims). ``heads[h]`` is the group's :class:`~modeconn.Heads` and
+    ``size[h]`` its number of units. ``segments``/``seg_of`` are the older view (member classes and
+    ``(start, head_dim)`` segments per head class; ``seg_of[c] = (head class, first unit)``).
+    """
+
     segments: dict[int, tuple[list[int], list[tuple[int, int]]]] = field(default_factory=dict)
-    # product class -> (head class, first unit of its segment)
     seg_of: dict[int, tuple[int, int]] = field(default_factory=dict)
+    where: dict[int, tuple[int, int, int, int]] = field(default_factory=dict)
+    heads: dict[int, Heads] = field(default_factory=dict)
+    size: dict[int, int] = field(default_factory=dict)
 
 
-def head_local(V: AxisVars, a: int, inners: set[int], descs: Iterable[tuple[int, ...]]) -> bool:
-    """Does every tensor that carries one of ``inners`` also carry the head class ``a``?"""
-    for d in descs:
-        roots = {V.find(v) for v in d}
-        if roots & inners and a not in roots:
-            return False
-    return True
+def _flatten(V: AxisVars, v: int) -> list[int]:
+    """The factors of a class: a product's children, recursively (sums and atoms stay whole)."""
+    r = V.find(v)
+    d = V.defn.get(r)
+    if d is None or d[0] != "prod":
+        return [r]
+    return [x for c in d[1] for x in _flatten(V, c)]
 
 
-def resolve_heads(V: AxisVars, param_classes: set[int], descs: list[tuple[int, ...]]) -> HeadLayout:
-    """Keep a product ``h ⊗ d`` of free classes as an attention group only where that is sound.
+def _core(V: AxisVars, flat: list[int]) -> tuple[list[int], int]:
+    """``flat`` without its trailing pinned factors, and their total size (the block)."""
+    block = 1
+    core = list(flat)
+    while core and V.pinned[core[-1]]:
+        block *= V.size[core.pop()]
+    return core, block
 
-    Heads groups let the inner class ``d`` be permuted differently inside each head, so ``h``
-    and ``d`` must occur nowhere else: ``h`` is the outer factor of products whose inners are
-    all free (a product ``h ⊗ pinned``, e.g. rotary q/k dims next to free v dims, would give
-    ``h`` a second, independent group), it is no parameter axis, summand or inner factor;
-    every ``d`` is the inner factor of products with outer ``h`` only, and head-local. Where
-    this fails, the inners are pinned and ``h`` stays one plain group (whole heads move).
+
+class _Pattern:
+    """How one candidate head class ``g`` occurs: as ``[g]``, ``[g, d]``, ``[g, r]``,
+    ``[g, r, d]`` (``r``: query heads within a key/value head; ``d``: dims in a head), each
+    optionally followed by pinned factors (rotary q/k dims: whole blocks)."""
+
+    def __init__(self, g: int) -> None:
+        self.g = g
+        self.r: int | None = None
+        self.lists: list[tuple[int, ...]] = []  # cores, in order of first appearance
+        self.ok = True
+
+
+def _patterns(V: AxisVars, prods: dict[int, list[int]], blocked: set[int]) -> dict[int, _Pattern]:
+    """Candidate head classes and the shapes they occur in; ``ok`` False where not a head."""
+    pats: dict[int, _Pattern] = {}
+    for flat in prods.values():
+        core, _ = _core(V, flat)
+        if len(core) >= 2 and V.find(core[0]) not in blocked:
+            pats.setdefault(core[0], _Pattern(core[0]))
+    for flat in prods.values():
+        core, _ = _core(V, flat)
+        for i, x in enumerate(flat):
+            if x in pats and (i != 0 or any(V.pinned[y] for y in core)):
+                pats[x].ok = False  # a head class inside another structure, or a pinned middle
+        if core and core[0] in pats:
+            p = pats[core[0]]
+            if len(core) > 3:
+                p.ok = False
+            elif len(core) == 3:
+                if p.r not in (None, core[1]):
+                    p.ok = False
+                p.r = core[1]
+            if tuple(core) not in p.lists:
+                p.lists.append(tuple(core))
+    return pats
+
+
+def _carries(V: AxisVars, desc: tuple[int, ...], c: int, cache: dict[int, list[int]]) -> bool:
+    for v in desc:
+        r = V.find(v)
+        if r not in cache:
+            cache[r] = _flatten(V, r)
+        if c in cache[r]:
+            return True
+    return False
+
+
+def resolve_heads(
+    V: AxisVars, param_classes: set[int], descs: list[tuple[int, ...]], full: bool = False
+) -> HeadLayout:
+    """Find the attention groups: the full symmetry of MHA, GQA and MQA where it is sound.
+
+    A free class ``g`` (key/value heads; all heads in multi-head attention) that occurs only as
+    the first factor of products ``[g]``, ``[g, d]``, ``[g, r]``, ``[g, r, d]`` (``r``: query heads
+    within a key/value group, from ``repeat_kv``/``expand``; ``d``: dims in a head), each possibly
+    followed by pinned factors, is an attention group (:class:`~modeconn.Heads`): ``g`` permutes
+    key/value heads, ``r`` query heads within their group, and each ``d`` is permuted per head
+    (per key/value head for dims that ``[g, d]`` shares with ``[g, r, d]``: the q dims with the
+    k dims, the output projection's columns with the v dims). Pinned trailing factors (rotary
+    q/k dims) become blocks: the head moves, its dims stay. This is sound only if every ``d`` is
+    head-local (every tensor that carries ``d`` also carries ``g``, and ``r`` where the dims are
+    per query head), no parameter axis or concatenation holds ``d`` or ``r`` alone, and they occur
+    in no other structure; a ``d`` that fails is pinned (its head then moves as a block), an ``r``
+    that fails is pinned with its dims (whole key/value groups move). A ``g`` that occurs
+    inside another structure is left to the plain union-find (one permutation per class).
 
     Args:
         V: the union-find after the walk (closed and modified here: pins).
         param_classes: classes of parameter axes (``V.find`` of each).
         descs: every tensor's axis variables (for head locality).
+        full: the caller emits every group through ``HeadLayout.where``/``heads``/``size``;
+            without it only what the older ``segments``/``seg_of`` view expresses is kept
+            (multi-head attention without rotary blocks; the rest is pinned to whole heads).
 
     Returns:
         The :class:`HeadLayout`.
     """
     while True:
+        layout, pats = _resolve(V, param_classes, descs)
+        if full:
+            return layout
+        legacy = [g for g in layout.heads if g not in layout.segments]
+        if not legacy:
+            return layout
+        for g in legacy:  # the older view cannot express these: their heads move whole
+            for core in pats[g].lists:
+                for c in core[1:]:
+                    V.pin(c, "dims inside a head (grouped-query or rotary attention)")
+
+
+def _resolve(
+    V: AxisVars, param_classes: set[int], descs: list[tuple[int, ...]]
+) -> tuple[HeadLayout, dict[int, _Pattern]]:
+    cache: dict[int, list[int]] = {}
+    while True:
         V.close()
-        as_outer: dict[int, list[tuple[int, int]]] = {}  # class -> [(product, inner)]
-        as_inner: dict[int, set[int]] = {}  # class -> outer classes of its products
-        in_sum: set[int] = set()
-        for r, (kind, ch) in list(V.defn.items()):
-            if V.find(r) != r or V.pinned[r]:
-                continue
-            if kind == "sum":
-                in_sum.update(V.find(c) for c in ch)
-                continue
-            a, b = V.find(ch[0]), V.find(ch[1])
-            as_outer.setdefault(a, []).append((r, b))
-            as_inner.setdefault(b, set()).add(a)
+        cache.clear()
+        inner = {V.find(c) for r, (k, ch) in V.defn.items() if k == "prod" for c in ch}
+        prods = {  # top-level products (nested ones are parts of these, or checked via descs)
+            r: _flatten(V, r)
+            for r, (k, _) in list(V.defn.items())
+            if k == "prod" and V.find(r) == r and not V.pinned[r] and r not in inner
+        }
+        in_sum = {V.find(c) for r, (k, ch) in V.defn.items() if k == "sum" for c in ch}
         pcs = {V.find(v) for v in param_classes}
+        blocked = set(V.defn) | in_sum  # a head class is an atom, no summand
+        pats = _patterns(V, prods, blocked)
         changed = False
-        for a, ps in as_outer.items():
-            if V.pinned[a]:
+        for g, p in pats.items():
+            if not p.ok or V.pinned[g] or g in V.defn:
                 continue
-            inners = [b for _, b in ps]
-            ok = (
-                a not in V.defn
-                and a not in pcs
-                and a not in in_sum
-                and a not in as_inner
-                and all(
-                    not V.pinned[b]
-                    and b not in V.defn
-                    and b not in in_sum
-                    and b not in as_outer
-                    and b not in pcs
-                    and as_inner[b] == {a}
-                    for b in inners
-                )
-            )
-            if ok:
-                ok = head_local(V, a, set(inners), descs)
-            if not ok:
-                for b in inners:
-                    if not V.pinned[b]:
-                        V.pin(b, "dims inside a head, shared with another structure")
-                        changed = True
+            dims_q = {c[2] for c in p.lists if len(c) == 3}
+            dims_kv = {c[1] for c in p.lists if len(c) == 2 and c[1] != p.r}
+            bad: set[int] = set()
+            if p.r is not None and (p.r in pcs or p.r in in_sum or p.r in V.defn):
+                bad |= {p.r} | dims_q | dims_kv
+            for d in dims_q | dims_kv:
+                if d in pcs or d in in_sum or d in V.defn or d in (g, p.r):
+                    bad.add(d)
+                    continue
+                for flat in prods.values():
+                    if d in flat and (flat[0] != g or _core(V, flat)[0][-1] != d):
+                        bad.add(d)
+                        break
+                need = [g] + ([p.r] if d in dims_q - dims_kv and p.r is not None else [])
+                if d not in bad and any(
+                    _carries(V, t, d, cache) and not all(_carries(V, t, c, cache) for c in need)
+                    for t in descs
+                ):
+                    bad.add(d)
+            for d in bad:
+                if not V.pinned[V.find(d)]:
+                    V.pin(d, "dims inside a head, shared with another structure")
+                    changed = True
         if not changed:
             break
-    # the surviving products are attention groups keyed by their head class
+    return _layout(V, pats, param_classes), pats
+
+
+def _layout(V: AxisVars, pats: dict[int, _Pattern], param_classes: set[int]) -> HeadLayout:
+    """Lay out the units of each valid head class: query-head segments, then key/value ones."""
     layout = HeadLayout()
-    order = sorted(
-        r
-        for r, (k, _) in V.defn.items()
-        if k == "prod"
-        and V.find(r) == r
-        and not V.pinned[r]
-        and not V.is_pinned(V.defn[r][1][0])
-        and not V.is_pinned(V.defn[r][1][1])
-    )
-    for r in order:
-        a = V.find(V.defn[r][1][0])
-        b = V.find(V.defn[r][1][1])
-        members, segs = layout.segments.setdefault(a, ([], []))
-        start = sum(V.size[m] for m in members)
-        members.append(r)
-        segs.append((start, V.size[b]))
-        layout.seg_of[r] = (a, start)
+    by_core: dict[tuple[int, ...], list[tuple[int, int]]] = {}
+    for r in range(len(V.parent)):
+        if V.find(r) == r and not V.pinned[r]:
+            core, block = _core(V, _flatten(V, r))
+            if core and core[0] in pats:
+                by_core.setdefault(tuple(core), []).append((r, block))
+    used: dict[int, list[tuple[int, ...]]] = {}
+    for v in sorted(param_classes):  # the shapes parameters actually carry, first seen first
+        _collect(V, v, pats, used)
+    for g, cores in used.items():
+        p = pats[g]
+        G = V.size[g]
+        R = V.size[p.r] if p.r is not None else 1
+        q = [c for c in cores if p.r is not None and len(c) >= 2 and c[1] == p.r]
+        kv = [c for c in cores if c not in q]
+        if p.r is None:  # multi-head: every segment is per head
+            q, kv = kv, []
+        segs, kv_segs, links = [], [], []
+        start = 0
+        members: list[int] = []
+        for c in q:
+            d = V.size[c[-1]] if len(c) == 3 or (p.r is None and len(c) == 2) else 1
+            segs.append((start, d))
+            _place(layout, by_core.get(c, []), (g, start, G * R * d))
+            members.append(_member(by_core.get(c, []), c))
+            start += G * R * d
+        for c in kv:
+            d = V.size[c[1]] if len(c) == 2 else 1
+            kv_segs.append((start, d))
+            _place(layout, by_core.get(c, []), (g, start, G * d))
+            members.append(_member(by_core.get(c, []), c))
+            start += G * d
+        for c in q:
+            d_cls = c[2] if len(c) == 3 else None
+            links.append(
+                next((k for k, c2 in enumerate(kv) if d_cls is not None and c2[-1] == d_cls), -1)
+            )
+        if p.r is None:
+            heads = Heads(G, tuple(segs))
+        else:
+            heads = Heads(
+                G * R,
+                tuple(segs),
+                G,
+                tuple(kv_segs),
+                tuple(links) if any(x >= 0 for x in links) else (),
+            )
+        layout.heads[g] = heads
+        layout.size[g] = start
+        simple = p.r is None and all(
+            b == 1 for c in cores for _, b in by_core.get(c, [])
+        )  # what the older view can express: multi-head, no blocks
+        if simple:
+            layout.segments[g] = (members, segs)
+        else:
+            for c in cores:
+                for r, _ in by_core.get(c, []):
+                    layout.seg_of.pop(r, None)
     return layout
+
+
+def _collect(
+    V: AxisVars, v: int, pats: dict[int, _Pattern], used: dict[int, list[tuple[int, ...]]]
+) -> None:
+    r = V.find(v)
+    if V.pinned[r]:
+        return
+    core, _ = _core(V, _flatten(V, r))
+    if core and core[0] in pats and pats[core[0]].ok and not V.pinned[core[0]]:
+        lst = used.setdefault(core[0], [])
+        if tuple(core) not in lst:
+            lst.append(tuple(core))
+        return
+    d = V.defn.get(r)
+    for c in d[1] if d else ():
+        _collect(V, c, pats, used)
+
+
+def _member(classes: list[tuple[int, int]], core: tuple[int, ...]) -> int:
+    """A class standing for one segment (for the older ``segments`` view and group labels)."""
+    return next((r for r, block in classes if block == 1), classes[0][0] if classes else core[0])
+
+
+def _place(layout: HeadLayout, classes: list[tuple[int, int]], key: tuple[int, int, int]) -> None:
+    """Record where the classes of one segment (with their blocks) live."""
+    g, start, n = key
+    for r, block in classes:
+        layout.where[r] = (g, start, n, block)
+        if block == 1:
+            layout.seg_of[r] = (g, start)
