@@ -57,7 +57,6 @@ XFAIL: dict[tuple[str, str], str] = {
     ("falcon", "attention"): HEADS + "fused qkv interleaved per kv group needs strided slots",
     ("gpt_bigcode", "attention"): HEADS + "MQA: the size-1 key/value head axis vanishes",
     ("gemma", "attention"): HEADS + "MQA: the size-1 key/value head axis vanishes",
-    ("bart", "coverage"): TRACER + "inputs_embeds[:, :, -1] read only for its shape pins stream",
     ("mobilenet_v2", "planted"): WM + "default call stalls on the 17-block MobileNetV2",
 }
 
