@@ -140,6 +140,14 @@ def lookup(target: Any) -> tuple[str, Rule | None]:
     return name, _BY_NAME.get(name)
 
 
+def lookup_object(target: Any) -> Rule | None:
+    """The rule registered for this very object (a function, an autograd.Function), if any."""
+    try:
+        return _BY_OBJECT.get(target)
+    except TypeError:
+        return None
+
+
 def module_rule(m: nn.Module) -> Rule | None:
     """The rule of a module, if its class (or a base class whose ``forward`` it keeps) has one.
 
@@ -147,10 +155,13 @@ def module_rule(m: nn.Module) -> Rule | None:
     ``ConvNextLayerNorm``: channels-first LayerNorms) computes something else: it has no rule and
     is traced into, so it is handled by what it computes.
     """
-    fwd = type(m).forward
-    for cls in type(m).__mro__:
+    mro = type(m).__mro__
+    definer = next((c for c in mro if "forward" in c.__dict__), nn.Module)
+    for cls in mro:
         if cls in _BY_MODULE:
-            return _BY_MODULE[cls] if getattr(cls, "forward", None) is fwd else None
+            # the forward that runs is the registered class's, or torch's own
+            ok = definer is cls or definer.__module__.startswith("torch.nn.")
+            return _BY_MODULE[cls] if ok else None
     return None
 
 

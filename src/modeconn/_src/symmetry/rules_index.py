@@ -166,8 +166,6 @@ def positions(w: Walk, call: Call) -> Desc:
     if dims is None:
         return w.unknown(call, "unexpected dims")
     w.note(call, "moves positions along the axes it acts on", [x[d] for d in dims])
-    if name == "rot90":
-        return w.fresh(out_val.shape, True, "rot90")
     out = list(x)
     for d in dims:
         if w.V.size[x[d]] != out_val.shape[d]:

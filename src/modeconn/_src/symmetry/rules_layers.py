@@ -123,6 +123,8 @@ def conv(w: Walk, call: Call) -> Desc:
     if is_t(B):
         w.tie(out, B[0])
     w.candidate(xn, ch, cin)
+    for v in x[ch + 1 :]:
+        w.pin(v, "spatial positions")
     spatial = w.fresh(out_val.shape[ch + 1 :], pinned=True, why="spatial positions")
     d = tuple(x[:ch]) + (out,) + spatial
     w.descs[call.node] = d
@@ -252,15 +254,32 @@ def glu(w: Walk, call: Call) -> Desc:
 
 
 # --- pooling, padding, resizing: the trailing spatial axes ----------------------------------------
-def spatial(w: Walk, x: tuple[int, ...], k: int, out_shape: Sequence[int]) -> Desc:
-    """The trailing ``k`` axes are positions (pinned); the others pass through."""
+def spatial(
+    w: Walk,
+    x: tuple[int, ...],
+    k: int,
+    out_shape: Sequence[int],
+    untouched: Sequence[bool] = (),
+    why: str = "spatial positions",
+) -> Desc:
+    """The trailing ``k`` axes are positions: pinned on both sides (an output axis unrelated to
+    its input axis would let the two be permuted apart), except those marked ``untouched``
+    (padded by zero on both sides); the others pass through."""
     k = min(k, len(x))
-    return tuple(x[: len(x) - k]) + w.fresh(out_shape[len(x) - k :], True, "spatial positions")
+    n = len(x) - k
+    out = list(x[:n])
+    for j in range(k):
+        if j < len(untouched) and untouched[j] and w.V.size[x[n + j]] == out_shape[n + j]:
+            out.append(x[n + j])
+        else:
+            w.pin(x[n + j], why)
+            out.append(w.V.new(out_shape[n + j], True, why=why))
+    return tuple(out)
 
 
 _POOL_NAMES = [
     f"{p}_pool{d}d" for p in ("max", "avg", "adaptive_avg", "adaptive_max", "lp") for d in (1, 2, 3)
-] + ["interpolate", "upsample", "upsample_nearest", "upsample_bilinear"]
+] + ["interpolate"]
 
 
 @rule(*_POOL_NAMES, *POOL_MODULES, nn.Upsample)
@@ -281,7 +300,15 @@ def pad(w: Walk, call: Call) -> Desc:
     x = w.desc(_x(call))
     if not is_t(x) or not isinstance(call.out, Tensor):
         return w.unknown(call, "unexpected input")
-    return spatial(w, x, len(cast(Sequence[int], p)) // 2, call.out.shape)
+    p = list(cast(Sequence[int], p))
+    if len(p) % 2 or not all(isinstance(a, int) for a in p):
+        return w.unknown(call, "unexpected padding")
+    k = len(p) // 2  # p pads the last axis first: (left, right, top, bottom, ...)
+    untouched = [p[2 * (k - 1 - j)] == 0 and p[2 * (k - 1 - j) + 1] == 0 for j in range(k)]
+    mode = call.module.__class__.__name__ if call.module is not None else call.kwargs.get("mode")
+    if mode not in (None, "constant") and "Constant" not in str(mode) and "Zero" not in str(mode):
+        untouched = [u and False for u in untouched]  # reflect/replicate/circular: be safe
+    return spatial(w, x, k, call.out.shape, untouched, "padded positions")
 
 
 @rule(nn.Flatten, nn.Unflatten)

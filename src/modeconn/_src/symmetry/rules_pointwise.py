@@ -18,21 +18,21 @@ def _words(text: str) -> list[str]:
 
 
 UNARY = _words("""
-    abs acos acosh alias alpha_dropout asin asinh atan atanh bfloat16 bitwise_not bool byte
+    abs acos acosh alpha_dropout asin asinh atan atanh bfloat16 bitwise_not bool byte
     ceil celu char clamp clamp_max clamp_min clip clone contiguous cos cosh cpu cuda deg2rad
     detach double dropout dropout1d dropout2d dropout3d elu erf erfc erfinv exp exp2 expm1
-    feature_alpha_dropout fill_ float floor frac gelu gelu_ half
+    feature_alpha_dropout fill_ float floor frac gelu half
     hardshrink hardsigmoid hardswish hardtanh int invert isfinite isinf isnan leaky_relu log
-    log10 log1p log2 log_softmax logical_not logit logsigmoid long mish nan_to_num neg
-    normalize pin_memory pos positive quick_gelu rad2deg reciprocal relu relu6 relu_
-    requires_grad_ round rsqrt selu sgn short sigmoid sigmoid_ sign silu silu_ sin sinh
+    log10 log1p log2 log_softmax logical_not logit log_sigmoid long mish nan_to_num neg
+    normalize pin_memory pos positive rad2deg reciprocal relu relu6 relu_
+    requires_grad_ round rsqrt selu sgn short sigmoid sigmoid_ sign silu sin sinh
     softmax softmin softplus softshrink softsign sqrt square tan tanh tanh_ tanhshrink
     threshold to trunc type type_as zero_
 """)
 BINARY = _words("""
     add add_ addcdiv addcmul and_ atan2 bitwise_and bitwise_or bitwise_xor clamp_ copysign
     div div_ eq eq_ float_power floor_divide floordiv fmax fmin fmod ge gt heaviside hypot
-    iadd imul isub itruediv le lerp logical_and logical_or logical_xor lshift lt masked_fill
+    le lerp logical_and logical_or logical_xor lshift lt masked_fill
     masked_fill_ maximum minimum mod mul mul_
     ne ne_ or_ pow pow_ remainder rshift rsub sub sub_ true_divide truediv where xlogy xor
 """)
@@ -46,8 +46,8 @@ FACTORY = _words("""
     scalar_tensor zeros zeros_like
 """)
 NON_TENSOR = _words("""
-    _assert _assert_is_none data_ptr dim element_size finfo get_device iinfo
-    is_complex is_contiguous is_floating_point is_tensor item len ndimension nelement numel
+    _assert data_ptr dim element_size get_device
+    is_complex is_contiguous is_floating_point item ndimension nelement numel
     size storage_offset stride
 """)
 
@@ -154,14 +154,15 @@ def metadata(w: Walk, call: Call) -> Desc:
 @rule("matmul", "mm", "bmm")
 def matmul(w: Walk, call: Call) -> Desc:
     """``a @ b``: a's last axis ~ b's second-to-last; batch axes broadcast."""
-    return _matmul(w, call, call.args[0], call.args[1])
+    return _matmul(w, call, call.arg(0, "input"), call.arg(1, "other"))
 
 
 @rule("addmm", "baddbmm")
 def addmm(w: Walk, call: Call) -> Desc:
     """``bias + a @ b``."""
-    d = _matmul(w, call, call.args[1], call.args[2])
-    bias = w.desc(call.args[0])
+    names = ("mat1", "mat2") if call.name == "addmm" else ("batch1", "batch2")
+    d = _matmul(w, call, call.arg(1, names[0]), call.arg(2, names[1]))
+    bias = w.desc(call.arg(0, "input"))
     if is_t(d) and is_t(bias) and isinstance(call.out, Tensor):
         return w.broadcast([d, bias], call.out.shape)
     return d

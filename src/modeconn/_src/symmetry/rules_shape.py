@@ -26,7 +26,7 @@ SHAPE_ONLY = _words("""
     view_as
 """)
 PERMUTE = _words("""
-    T adjoint mT moveaxis movedim permute swapaxes swapdims t transpose
+    adjoint moveaxis movedim permute swapaxes swapdims t transpose
 """)
 
 

@@ -32,6 +32,7 @@ import torch
 from torch import fx, nn
 
 from ..errors import SpecError
+from .registry import lookup_object as lookup_rule
 from .registry import module_rule, user_functions
 
 __all__ = ["Trace", "trace_model", "traced_root", "call_args", "FIX_HINT"]
@@ -272,6 +273,22 @@ class _FunctionApply:
         return f"{self.fn.__qualname__}.apply"
 
 
+class _Ctx:
+    """A stand-in ``ctx`` for tracing a custom Function's forward (backward is not traced)."""
+
+    def __getattr__(self, k: str) -> Any:
+        return lambda *a, **kw: None
+
+    def __setattr__(self, k: str, v: Any) -> None:
+        object.__setattr__(self, k, v)
+
+
+def _trace_forward(cls: type[torch.autograd.Function], args: Any, kwargs: Any) -> Any:
+    """Trace into ``cls.forward``: the symmetry of a Function is that of what it computes."""
+    own_setup = "setup_context" in cls.__dict__  # torch >= 2.0 style: forward(*args)
+    return cls.forward(*args, **kwargs) if own_setup else cls.forward(_Ctx(), *args, **kwargs)
+
+
 class _Patches:
     """While tracing: ``Function.apply`` and torch's factories record graph nodes for proxies.
 
@@ -289,10 +306,23 @@ class _Patches:
 
         def apply(cls: type[torch.autograd.Function], *args: Any, **kwargs: Any) -> Any:
             if not tr.computing and _has_proxy((args, kwargs)):
+                if lookup_rule(cls) is None:  # no rule: its forward is what it computes
+                    try:
+                        return _trace_forward(cls, args, kwargs)
+                    except Exception:  # noqa: BLE001 - not traceable: one opaque node
+                        pass
                 return tr.create_proxy("call_function", _FunctionApply(cls), args, kwargs)
             return orig_apply.__get__(None, cls)(*args, **kwargs)
 
         self._set(torch.autograd.Function, "apply", classmethod(apply))
+        is_tensor = torch.is_tensor  # isinstance(proxy, Tensor) is False: answer from the value
+
+        def is_tensor_(obj: Any) -> bool:
+            if isinstance(obj, _ValueProxy):
+                return isinstance(obj._value(), torch.Tensor)
+            return is_tensor(obj)
+
+        self._set(torch, "is_tensor", is_tensor_)
         for name in _FACTORIES:
             fn = getattr(torch, name, None)
             if fn is not None:

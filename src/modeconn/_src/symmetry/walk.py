@@ -238,9 +238,20 @@ class Walk:
         fn = module_rule(m)
         if fn is None:  # kept whole by leaf_modules
             return self.unknown(call, "kept whole (leaf_modules)")
-        return fn(self, call)
+        return self.apply(fn, call)
+
+    def apply(self, fn: Any, call: Call) -> Desc:
+        """Run a rule; a rule that fails on an unexpected call counts as no rule (pins)."""
+        try:
+            return fn(self, call)
+        except (IndexError, KeyError, TypeError, ValueError, AttributeError) as e:
+            return self.unknown(call, f"its rule failed ({type(e).__name__}: {e})")
 
     def call_op(self, node: fx.Node) -> Desc:
+        if isinstance(self.tr.values.get(node), Tensor) and not _data_used(node):
+            # only its shape/dtype is read (``embed_positions(x[:, :, -1])`` reads x's shape):
+            # its values reach nothing, so it relates no axes
+            return self.from_value(self.tr.values.get(node), pinned=False)
         name, fn = lookup(node.target)
         label = node.name
         call = Call(
@@ -248,7 +259,7 @@ class Walk:
             label, self.tr.where.get(node, ""),
         )  # fmt: skip
         if fn is not None:
-            return fn(self, call)
+            return self.apply(fn, call)
         ins = [self.desc(a) for a in (*node.args, *node.kwargs.values())]
         if not any(self.has_tensor(d) for d in ins):
             if not isinstance(call.out, Tensor | tuple | list):
@@ -276,6 +287,40 @@ class Walk:
                     f"units, which are not permuted; {FIX_HINT}",
                     stacklevel=4,
                 )
+
+
+_META_METHODS = frozenset(
+    [
+        "size",
+        "dim",
+        "ndimension",
+        "numel",
+        "nelement",
+        "element_size",
+        "is_floating_point",
+        "is_complex",
+        "is_contiguous",
+        "get_device",
+        "stride",
+        "storage_offset",
+        "data_ptr",
+    ]
+)
+_META_ATTRS = frozenset(["shape", "dtype", "device", "ndim", "layout", "is_cuda", "requires_grad"])
+
+
+def _data_used(node: fx.Node) -> bool:
+    """Does any user read the values of ``node`` (not only its shape, dtype, ...)?"""
+    for u in node.users:
+        if u.op == "call_method" and u.target in _META_METHODS and u.args[0] is node:
+            continue
+        name = getattr(u.target, "__name__", "")
+        if u.op == "call_function" and name == "getattr" and u.args[1] in _META_ATTRS:
+            continue
+        if u.op == "call_function" and name in ("len", "_assert"):
+            continue
+        return True
+    return not node.users  # no user: an in-place op's effect lives on in its input
 
 
 def op_title(call: Call) -> str:
