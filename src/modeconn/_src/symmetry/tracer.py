@@ -66,14 +66,16 @@ _THIS = os.path.abspath(__file__)
 
 
 def user_frame(tb: Any = None) -> str:
-    """``file:line`` of the innermost frame outside torch and modeconn (the model's source)."""
+    """``file:line `code``` of the innermost frame outside torch and modeconn (the model's
+    source), or ``""`` when the failure is in modeconn or torch themselves."""
     frames = traceback.extract_tb(tb) if tb is not None else traceback.extract_stack()
     for fr in reversed(frames):
         f = os.path.abspath(fr.filename)
         if f.startswith(_HERE):  # reached modeconn itself: no model source in between
             return ""
         if not f.startswith(_TORCH) and "<" not in fr.filename[:1]:
-            return f"{os.path.basename(f)}:{fr.lineno}"
+            code = f" `{fr.line.strip()}`" if fr.line else ""
+            return f"{os.path.basename(f)}:{fr.lineno}{code}"
     return ""
 
 
