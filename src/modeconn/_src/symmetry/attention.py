@@ -149,6 +149,7 @@ class HeadLayout:
     where: dict[int, tuple[int, int, int, int]] = field(default_factory=dict)
     heads: dict[int, Heads] = field(default_factory=dict)
     size: dict[int, int] = field(default_factory=dict)
+    simple: set[int] = field(default_factory=set)  # groups the older view expresses
 
 
 def _flatten(V: AxisVars, v: int) -> list[int]:
@@ -179,6 +180,7 @@ class _Pattern:
         self.r: int | None = None
         self.lists: list[tuple[int, ...]] = []  # cores, in order of first appearance
         self.ok = True
+        self.shared: set[int] = set()  # dims shared by every head (multi-query k/v dims)
 
 
 def _patterns(V: AxisVars, prods: dict[int, list[int]], blocked: set[int]) -> dict[int, _Pattern]:
@@ -250,7 +252,7 @@ def resolve_heads(
         layout, pats = _resolve(V, param_classes, descs)
         if full:
             return layout
-        legacy = [g for g in layout.heads if g not in layout.segments]
+        legacy = [g for g in layout.heads if g not in layout.simple]
         if not legacy:
             return layout
         for g in legacy:  # the older view cannot express these: their heads move whole
@@ -285,16 +287,27 @@ def _resolve(
             bad: set[int] = set()
             if p.r is not None and (p.r in pcs or p.r in in_sum or p.r in V.defn):
                 bad |= {p.r} | dims_q | dims_kv
+            p.shared = set()
             for d in dims_q | dims_kv:
-                if d in pcs or d in in_sum or d in V.defn or d in (g, p.r):
+                if d in V.defn or d in (g, p.r) or (d in in_sum and p.r is not None):
                     bad.add(d)
                     continue
                 for flat in prods.values():
                     if d in flat and (flat[0] != g or _core(V, flat)[0][-1] != d):
                         bad.add(d)
                         break
+                if d in bad:
+                    continue
+                if p.r is None and any(
+                    _carries(V, t, d, cache) and not _carries(V, t, g, cache) for t in descs
+                ):  # k/v dims without a head axis: multi-query, the dims shared by every head
+                    p.shared.add(d)
+                    continue
+                if d in pcs or d in in_sum:
+                    bad.add(d)
+                    continue
                 need = [g] + ([p.r] if d in dims_q - dims_kv and p.r is not None else [])
-                if d not in bad and any(
+                if any(
                     _carries(V, t, d, cache) and not all(_carries(V, t, c, cache) for c in need)
                     for t in descs
                 ):
@@ -311,23 +324,24 @@ def _resolve(
 def _layout(V: AxisVars, pats: dict[int, _Pattern], param_classes: set[int]) -> HeadLayout:
     """Lay out the units of each valid head class: query-head segments, then key/value ones."""
     layout = HeadLayout()
+    shared_of = {d: g for g, p in pats.items() if p.ok for d in p.shared}
     by_core: dict[tuple[int, ...], list[tuple[int, int]]] = {}
     for r in range(len(V.parent)):
         if V.find(r) == r and not V.pinned[r]:
             core, block = _core(V, _flatten(V, r))
-            if core and core[0] in pats:
+            if core and (core[0] in pats or core[0] in shared_of):
                 by_core.setdefault(tuple(core), []).append((r, block))
     used: dict[int, list[tuple[int, ...]]] = {}
     for v in sorted(param_classes):  # the shapes parameters actually carry, first seen first
-        _collect(V, v, pats, used)
+        _collect(V, v, pats, used, shared_of)
     for g, cores in used.items():
         p = pats[g]
         G = V.size[g]
         R = V.size[p.r] if p.r is not None else 1
         q = [c for c in cores if p.r is not None and len(c) >= 2 and c[1] == p.r]
         kv = [c for c in cores if c not in q]
-        if p.r is None:  # multi-head: every segment is per head
-            q, kv = kv, []
+        if p.r is None:  # multi-head: every segment is per head, but k/v dims shared by all
+            q, kv = [c for c in cores if c[0] == g], [c for c in cores if c[0] != g]
         segs, kv_segs, links = [], [], []
         start = 0
         members: list[int] = []
@@ -338,17 +352,20 @@ def _layout(V: AxisVars, pats: dict[int, _Pattern], param_classes: set[int]) -> 
             members.append(_member(by_core.get(c, []), c))
             start += G * R * d
         for c in kv:
-            d = V.size[c[1]] if len(c) == 2 else 1
+            d = V.size[c[-1]] if len(c) == 2 or c[0] != g else 1
+            n_kv = 1 if c[0] != g else G  # a multi-query segment: one key/value head
             kv_segs.append((start, d))
-            _place(layout, by_core.get(c, []), (g, start, G * d))
+            _place(layout, by_core.get(c, []), (g, start, n_kv * d))
             members.append(_member(by_core.get(c, []), c))
-            start += G * d
+            start += n_kv * d
         for c in q:
-            d_cls = c[2] if len(c) == 3 else None
+            d_cls = c[2] if len(c) == 3 else c[1] if p.r is None and len(c) == 2 else None
             links.append(
                 next((k for k, c2 in enumerate(kv) if d_cls is not None and c2[-1] == d_cls), -1)
             )
-        if p.r is None:
+        if p.r is None and kv_segs:
+            heads = Heads(V.size[g], tuple(segs), 1, tuple(kv_segs), tuple(links))
+        elif p.r is None:
             heads = Heads(G, tuple(segs))
         else:
             heads = Heads(
@@ -360,11 +377,12 @@ def _layout(V: AxisVars, pats: dict[int, _Pattern], param_classes: set[int]) -> 
             )
         layout.heads[g] = heads
         layout.size[g] = start
-        simple = p.r is None and all(
-            b == 1 for c in cores for _, b in by_core.get(c, [])
+        simple = (
+            p.r is None and not kv and all(b == 1 for c in cores for _, b in by_core.get(c, []))
         )  # what the older view can express: multi-head, no blocks
+        layout.segments[g] = (members, [*segs, *kv_segs])
         if simple:
-            layout.segments[g] = (members, segs)
+            layout.simple.add(g)
         else:
             for c in cores:
                 for r, _ in by_core.get(c, []):
@@ -373,12 +391,21 @@ def _layout(V: AxisVars, pats: dict[int, _Pattern], param_classes: set[int]) -> 
 
 
 def _collect(
-    V: AxisVars, v: int, pats: dict[int, _Pattern], used: dict[int, list[tuple[int, ...]]]
+    V: AxisVars,
+    v: int,
+    pats: dict[int, _Pattern],
+    used: dict[int, list[tuple[int, ...]]],
+    shared_of: dict[int, int],
 ) -> None:
     r = V.find(v)
     if V.pinned[r]:
         return
     core, _ = _core(V, _flatten(V, r))
+    if len(core) == 1 and core[0] in shared_of:  # multi-query k/v dims
+        lst = used.setdefault(shared_of[core[0]], [])
+        if tuple(core) not in lst:
+            lst.append(tuple(core))
+        return
     if core and core[0] in pats and pats[core[0]].ok and not V.pinned[core[0]]:
         lst = used.setdefault(core[0], [])
         if tuple(core) not in lst:
@@ -386,7 +413,7 @@ def _collect(
         return
     d = V.defn.get(r)
     for c in d[1] if d else ():
-        _collect(V, c, pats, used)
+        _collect(V, c, pats, used, shared_of)
 
 
 def _member(classes: list[tuple[int, int]], core: tuple[int, ...]) -> int:
