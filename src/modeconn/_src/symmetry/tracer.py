@@ -19,7 +19,6 @@ code reads:
 
 from __future__ import annotations
 
-import inspect
 import os
 import sys
 import traceback
@@ -32,8 +31,9 @@ import torch
 from torch import fx, nn
 
 from ..errors import SpecError
-from .registry import lookup_object as lookup_rule
-from .registry import module_rule, user_functions
+from .inputs import call_args, traced_root
+from .patches import Patches
+from .registry import module_rule
 
 __all__ = ["Trace", "trace_model", "traced_root", "call_args", "FIX_HINT"]
 
@@ -55,14 +55,11 @@ _META = frozenset(
     requires_grad is_leaf
 """)
 )
-# factory functions a traced size can reach (torch.ones(b, t)): recorded as graph nodes
-_FACTORIES = _words("""
-    ones zeros empty full rand randn randint arange eye linspace logspace tensor as_tensor
-    scalar_tensor tril_indices triu_indices
-""")
 _HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _TORCH = os.path.dirname(os.path.abspath(torch.__file__))
-_THIS = os.path.abspath(__file__)
+_THIS = tuple(  # the tracer's own frames, skipped when looking for the model's source line
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), f) for f in ("tracer.py", "patches.py")
+)
 
 
 def user_frame(tb: Any = None) -> str:
@@ -83,9 +80,9 @@ def _where_now() -> str:
     f: Any = sys._getframe(2)
     while f is not None:
         fn = os.path.abspath(f.f_code.co_filename)
-        if fn.startswith(_HERE) and fn != _THIS:
+        if fn.startswith(_HERE) and fn not in _THIS:
             return ""
-        if not fn.startswith((_TORCH, _THIS)) and not f.f_code.co_filename.startswith("<"):
+        if not fn.startswith((_TORCH, *_THIS)) and not f.f_code.co_filename.startswith("<"):
             return f"{os.path.basename(fn)}:{f.f_lineno}"
         f = f.f_back
     return ""
@@ -129,18 +126,6 @@ class _ValueProxy(fx.Proxy):
 
 def _to_value(tracer: _Tracer, a: Any) -> Any:
     return fx.node.map_aggregate(a, lambda x: tracer.values[x] if isinstance(x, fx.Node) else x)
-
-
-def _has_proxy(a: Any) -> bool:
-    found = False
-
-    def look(x: Any) -> Any:
-        nonlocal found
-        found = found or isinstance(x, fx.Proxy)
-        return x
-
-    fx.node.map_aggregate(a, look)
-    return found
 
 
 class _Tracer(fx.Tracer):
@@ -261,165 +246,6 @@ class _Tracer(fx.Tracer):
         return self.values[obj.node].keys()
 
 
-class _FunctionApply:
-    """Graph target for a custom ``torch.autograd.Function``: ``Fn.apply(*args)``, one node."""
-
-    def __init__(self, fn: type[torch.autograd.Function]) -> None:
-        self.fn = fn
-        self.__name__ = f"{fn.__name__}.apply"
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.fn.apply(*args, **kwargs)
-
-    def __repr__(self) -> str:
-        return f"{self.fn.__qualname__}.apply"
-
-
-class _Ctx:
-    """A stand-in ``ctx`` for tracing a custom Function's forward (backward is not traced)."""
-
-    def __getattr__(self, k: str) -> Any:
-        return lambda *a, **kw: None
-
-    def __setattr__(self, k: str, v: Any) -> None:
-        object.__setattr__(self, k, v)
-
-
-def _trace_forward(cls: type[torch.autograd.Function], args: Any, kwargs: Any) -> Any:
-    """Trace into ``cls.forward``: the symmetry of a Function is that of what it computes."""
-    own_setup = "setup_context" in cls.__dict__  # torch >= 2.0 style: forward(*args)
-    return cls.forward(*args, **kwargs) if own_setup else cls.forward(_Ctx(), *args, **kwargs)
-
-
-class _Patches:
-    """While tracing: ``Function.apply`` and torch's factories record graph nodes for proxies.
-
-    ``Function.apply`` is a classmethod on torch < 2.14 and a C ``classmethod_descriptor`` after;
-    both bind with ``__get__(None, cls)``.
-    """
-
-    def __init__(self, tracer: _Tracer) -> None:
-        self.tracer = tracer
-        self.saved: list[tuple[Any, str, Any]] = []
-
-    def __enter__(self) -> _Patches:
-        tr = self.tracer
-        orig_apply = torch.autograd.Function.__dict__["apply"]
-
-        def apply(cls: type[torch.autograd.Function], *args: Any, **kwargs: Any) -> Any:
-            if not tr.computing and _has_proxy((args, kwargs)):
-                if lookup_rule(cls) is None:  # no rule: its forward is what it computes
-                    try:
-                        return _trace_forward(cls, args, kwargs)
-                    except Exception:  # noqa: BLE001 - not traceable: one opaque node
-                        pass
-                return tr.create_proxy("call_function", _FunctionApply(cls), args, kwargs)
-            return orig_apply.__get__(None, cls)(*args, **kwargs)
-
-        self._set(torch.autograd.Function, "apply", classmethod(apply))
-        is_tensor = torch.is_tensor  # isinstance(proxy, Tensor) is False: answer from the value
-
-        def is_tensor_(obj: Any) -> bool:
-            if isinstance(obj, _ValueProxy):
-                return isinstance(obj._value(), torch.Tensor)
-            return is_tensor(obj)
-
-        self._set(torch, "is_tensor", is_tensor_)
-        for name in _FACTORIES:
-            fn = getattr(torch, name, None)
-            if fn is not None:
-                self._set(torch, name, self._factory(fn))
-        for ns, name, fn in user_functions():  # mc.register_rule(my_function, ...)
-            self.saved.append((ns, name, fn))
-            ns[name] = self._factory(fn)
-        return self
-
-    def _factory(self, fn: Any) -> Any:
-        tr = self.tracer
-
-        def make(*args: Any, **kwargs: Any) -> Any:
-            if not tr.computing and _has_proxy((args, kwargs)):
-                return tr.create_proxy("call_function", fn, args, kwargs)
-            return fn(*args, **kwargs)
-
-        make.__name__ = fn.__name__
-        return make
-
-    def _set(self, obj: Any, name: str, new: Any) -> None:
-        self.saved.append((obj, name, obj.__dict__[name]))
-        setattr(obj, name, new)
-
-    def __exit__(self, *exc: Any) -> None:
-        for obj, name, old in reversed(self.saved):
-            if isinstance(obj, dict):
-                obj[name] = old
-            else:
-                setattr(obj, name, old)
-
-
-def call_args(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """``(args, kwargs)`` to call a model with: a dict is keywords, a tuple/list positional."""
-    if isinstance(example_inputs, dict):
-        return (), dict(example_inputs)
-    if isinstance(example_inputs, tuple | list):
-        return tuple(example_inputs), {}
-    return (example_inputs,), {}
-
-
-def _make_wrapper(model: nn.Module, n_args: int, kw_names: list[str]) -> nn.Module:
-    """A module with a plain forward(input_0, ..., name, ...) calling ``model`` (fx cannot trace
-    a forward with ``*args``/``**kwargs`` directly)."""
-    for k in kw_names:
-        if not k.isidentifier():
-            raise SpecError(f"example input name {k!r} is not a Python identifier")
-    pos = [f"input_{i}" for i in range(n_args)]
-    params = ", ".join(["self", *pos, *kw_names])
-    call = ", ".join([*pos, *(f"{k}={k}" for k in kw_names)])
-    ns: dict[str, Any] = {}
-    exec(f"def forward({params}):\n    return self.model({call})\n", ns)  # noqa: S102
-
-    class _Wrapper(nn.Module):
-        forward = ns["forward"]
-
-    w = _Wrapper()
-    w.model = model
-    return w
-
-
-def _bind(model: nn.Module, sig: inspect.Signature, example_inputs: Any) -> inspect.BoundArguments:
-    args, kwargs = call_args(example_inputs)
-    try:
-        return sig.bind(*args, **kwargs)
-    except TypeError as e:
-        raise SpecError(
-            f"example inputs do not fit {type(model).__name__}.forward: {e}; pass one batch the "
-            "model accepts (a tensor, a tuple of positional inputs, or a dict of keyword inputs)"
-        ) from e
-
-
-def traced_root(
-    model: nn.Module, example_inputs: Any
-) -> tuple[nn.Module, str, dict[str, Any], dict[str, Any]]:
-    """The module to trace, its parameter-path prefix, the inputs by name, the concrete args."""
-    sig = inspect.signature(model.forward)
-    if "use_cache" in sig.parameters and isinstance(example_inputs, dict):
-        # Hugging Face models: a key/value cache object is runtime state, not part of the function
-        example_inputs = {"use_cache": False, **example_inputs}
-    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in sig.parameters.values()):
-        _bind(model, sig, example_inputs)
-        args, kwargs = call_args(example_inputs)
-        root = _make_wrapper(model, len(args), list(kwargs))
-        names = [f"input_{i}" for i in range(len(args))] + list(kwargs)
-        return root, "model.", dict(zip(names, [*args, *kwargs.values()], strict=True)), {}
-    inputs = dict(_bind(model, sig, example_inputs).arguments)
-    concrete = {
-        n: p.default
-        for n, p in sig.parameters.items()
-        if n not in inputs and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-    }
-    return model, "", inputs, concrete
-
-
 def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {' '.join(str(e).split())}"
 
@@ -467,7 +293,7 @@ def trace_model(
         for _ in range(len(modes) + 1):
             tracer = _Tracer(inputs, tuple(types), paths)
             try:
-                with _Patches(tracer):
+                with Patches(tracer):
                     graph = tracer.trace(root, concrete_args=concrete or None)
                 gm = fx.GraphModule(root, graph)
             except Exception as e:
