@@ -270,12 +270,9 @@ class Walk:
 
     # --- warnings -------------------------------------------------------------------------------
     def flush_warnings(self) -> None:
-        hidden = {
-            self.V.find(v)
-            for tid, vs in self.param_vars.items()
-            if tid in self.trainable  # not buffers such as a causal mask
-            for v in vs
-        }
+        # classes holding a layer's units (Linear/Conv outputs, embedding columns, attention):
+        # pinning a positional axis (tokens, a relative-position table's rows) warns no one
+        hidden = {self.V.find(v) for v in self.V.label}
         if not self.warn_enabled:
             return
         for what, (why, places, touched) in self.pending.items():
