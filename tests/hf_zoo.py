@@ -17,6 +17,9 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.func import functional_call
+
+import modeconn as mc
 
 V, D, L, H, FF, T = 64, 16, 2, 4, 24, 7  # vocab, width, layers, heads, MLP width, tokens
 
@@ -272,3 +275,27 @@ def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
                 else:
                     t.add_(0.3 * noise)
     return model
+
+
+def symmetry_error(
+    model: nn.Module, inputs: dict[str, torch.Tensor], spec: Any, seed: int = 0
+) -> float:
+    """Relative max change of the outputs under a random permutation of ``spec`` (0: exact)."""
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    perm = mc.random_permutation(spec, seed=seed)
+    mc.check_permutation(spec, perm)
+    permuted = mc.apply_permutation(spec, perm, state)
+    if not any(not torch.equal(permuted[k], state[k]) for k in spec.params()):
+        raise AssertionError("the permutation changed no weight (vacuous check)")
+    with torch.no_grad():
+        ref = functional_call(model, state, (), inputs, tie_weights=False)
+        got = functional_call(model, permuted, (), inputs, tie_weights=False)
+    return float((ref - got).abs().max()) / max(1.0, float(ref.abs().max()))
+
+
+def planted_misses(spec: Any, state: dict[str, torch.Tensor], seed: int = 1) -> list[str]:
+    """Tensors default ``weight_matching`` does not restore after a planted permutation."""
+    planted = mc.random_permutation(spec, seed=seed)
+    b = mc.apply_permutation(spec, planted, state)
+    back = mc.apply_permutation(spec, mc.weight_matching(spec, state, b), b)
+    return [k for k in spec.params() if not torch.equal(back[k], state[k])]
