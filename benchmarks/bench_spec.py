@@ -75,9 +75,56 @@ def _report(name: str, model: nn.Module, x: torch.Tensor, blocks: int) -> None:
     )
 
 
+def matrix() -> None:
+    """``infer_spec`` time per transformers family of the acceptance matrix (tests/hf_zoo.py),
+    as a multiple of one forward pass, and default weight matching's time to recover a planted
+    permutation (skipped without transformers)."""
+    try:
+        import transformers as hf
+    except ImportError:
+        print("matrix: transformers not installed, skipped")
+        return
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from hf_zoo import FAMILIES, coverage, randomize
+
+    print(f"{'family':13s} {'infer_spec':>10s} {'x fwd':>6s} {'verify':>7s} {'groups':>6s} "
+          f"{'attn':>4s} {'cover':>6s} {'wm s':>6s} recovered")  # fmt: skip
+    for f in FAMILIES:
+        try:
+            torch.manual_seed(0)
+            model, x = f.build(hf)
+            model = randomize(model.eval())
+            with torch.no_grad():
+                fwd = _time(lambda m=model, x=x: m(**x))
+            t_inf = _time(
+                lambda m=model, x=x: mc.infer_spec(m, x, verify=False, warn=False), repeats=2
+            )
+            t_ver = _time(lambda m=model, x=x: mc.infer_spec(m, x, warn=False), repeats=1)
+            spec = mc.infer_spec(model, x, verify=False, warn=False)
+            state = model.state_dict()
+            b = mc.apply_permutation(spec, mc.random_permutation(spec, seed=1), state)
+            t = time.perf_counter()
+            got = mc.weight_matching(spec, state, b)
+            t_wm = time.perf_counter() - t
+            back = mc.apply_permutation(spec, got, b)
+            ok = all(torch.equal(back[k], state[k]) for k in spec.params())
+            print(
+                f"{f.name:13s} {t_inf:9.3f}s {t_inf / fwd:6.0f} {t_ver:6.3f}s "
+                f"{len(spec.groups):6d} {len(spec.heads):4d} {coverage(spec, model):6.4f} "
+                f"{t_wm:6.3f} {ok}",
+                flush=True,
+            )
+        except Exception as e:  # noqa: BLE001 -- a benchmark row, not a test
+            print(f"{f.name:13s} error: {type(e).__name__}: {e}"[:120])
+
+
 def main() -> None:
     torch.set_num_threads(1)  # small models: threads only add noise on a shared machine
     torch.manual_seed(0)
+    matrix()
     _report("50-block residual CNN (16 ch, 8x8)", ResNet50Blocks(), torch.randn(2, 3, 8, 8), 50)
     model = mc.models.create(
         "transformer", input_shape=(64,), num_classes=10, dim=64, depth=12, num_heads=4
