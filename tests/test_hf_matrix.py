@@ -44,20 +44,13 @@ CHECKS = ("symmetry", "coverage", "attention", "planted")
 TRACER = "tracer (symmetry-core): "
 HEADS = "head resolution (symmetry-attention): "
 WM = "weight matching (helper wm): "
-EMIT = "spec emission (symmetry-core, patch /tmp/EMIT_HEADS.patch): "
 XFAIL: dict[tuple[str, str], str] = {
     ("bloom", "attention"): HEADS + "ALiBi: fixed-order heads with free dims not resolved yet",
-    **{
-        (f, "attention"): EMIT + "GQA / rotary groups need HeadLayout.where in emit.py"
-        for f in ("llama", "mistral", "qwen2", "qwen3")
-    },
     **{
         (f, "attention"): HEADS + "partial rotary needs strided slots (q/k split per head)"
         for f in ("phi", "gpt_neox", "gptj")
     },
     ("falcon", "attention"): HEADS + "fused qkv interleaved per kv group needs strided slots",
-    ("gpt_bigcode", "attention"): EMIT + "MQA groups need HeadLayout.where in emit.py",
-    ("gemma", "attention"): EMIT + "MQA groups need HeadLayout.where in emit.py",
     ("mobilenet_v2", "planted"): WM + "default call stalls on the 17-block MobileNetV2",
 }
 

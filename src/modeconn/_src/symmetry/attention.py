@@ -317,8 +317,42 @@ def _resolve(
                     V.pin(d, "dims inside a head, shared with another structure")
                     changed = True
         if not changed:
+            changed = _one_free_factor(V, pats)
+        if not changed:
             break
     return _layout(V, pats, param_classes), pats
+
+
+def _one_free_factor(V: AxisVars, pats: dict[int, _Pattern]) -> bool:
+    """Outside attention groups a product keeps one free factor (its outermost): two free factors
+    of one axis would be two groups moving the same positions. Returns whether it pinned."""
+    valid = {
+        core
+        for g, p in pats.items()
+        if p.ok and not V.pinned[g] and g not in V.defn
+        for core in p.lists
+    }
+    handled: set[int] = set()
+    stack = [
+        r
+        for r, (k, _) in V.defn.items()
+        if k == "prod" and V.find(r) == r and tuple(_core(V, _flatten(V, r))[0]) in valid
+    ]
+    while stack:  # a group's products and every part of them
+        r = V.find(stack.pop())
+        if r not in handled:
+            handled.add(r)
+            d = V.defn.get(r)
+            stack.extend(d[1] if d and d[0] == "prod" else ())
+    changed = False
+    for r, (k, _) in list(V.defn.items()):
+        if k != "prod" or V.find(r) != r or V.pinned[r] or r in handled:
+            continue
+        free = [x for x in _flatten(V, r) if not V.pinned[x]]
+        for x in free[1:]:
+            V.pin(x, "inner factor of a product outside attention (dims shared by every block)")
+            changed = True
+    return changed
 
 
 def _layout(V: AxisVars, pats: dict[int, _Pattern], param_classes: set[int]) -> HeadLayout:
