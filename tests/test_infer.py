@@ -866,13 +866,16 @@ USER_CASES = {
         (2, 5, 3),
         {"stream": 8, "j": 6, "att": 16},
     ),
-    "attention_rotary": (lambda: _make_attention("rope"), (2, 6, 5), {"stream": 12, "q": 3}),
+    # 3 heads: rotary q/k dims move as one block per head (1 unit), v dims (4) freely
+    "attention_rotary": (lambda: _make_attention("rope"), (2, 6, 5), {"stream": 12, "q": 15}),
+    # 3 heads x (4 q/k dims + 4 v dims + 1 relative-bias table column)
     "attention_relative_bias": (
         lambda: _make_attention("relbias"),
         (2, 6, 5),
-        {"stream": 12, "q": 3},
+        {"stream": 12, "q": 27},
     ),
-    "attention_multi_query": (lambda: _make_attention("mqa"), (2, 6, 5), {"stream": 12, "q": 3}),
+    # multi-query: query heads, their q dims, the shared k/v dims
+    "attention_multi_query": (lambda: _make_attention("mqa"), (2, 6, 5), {"stream": 12, "q": 32}),
 }
 
 
@@ -892,12 +895,12 @@ def test_user_written_models_keep_their_function(case):
 
 
 def test_rotary_attention_keeps_one_head_permutation_for_qk_and_v():
-    """Rotary q/k dims are pinned; the heads of q/k and of v must still move together (one group),
-    not as a plain q/k head group plus an independent v heads group."""
+    """Rotary q/k dims are pinned inside a head (one block per head); the heads of q/k and of v
+    must still move together (one heads group), not as two independent head groups."""
     model = randomize(_make_attention("rope"))
     spec = infer(model, torch.randn(2, 6, 5))
-    assert not spec.heads
     (g,) = [g for g in spec.groups if g != "stream"]
+    assert spec.heads[g].num_heads == 3
     params = {s.param for s in spec.slots[g]}
     assert {"q.weight", "k.weight", "v.weight", "o.weight"} <= params
 

@@ -30,7 +30,8 @@ CASES = {
     "densenet": (Z.DenseNet, img, ("classifier.bias",), 0),
     "efficientnet_se": (Z.EfficientNet, img, ("classifier.bias",), 0),
     "mobilenetv3": (Z.MobileNetV3, img, ("classifier.bias",), 0),
-    "regnet_group_conv": (Z.RegNet, img, ("fc.bias",), 0),
+    # a grouped conv's channels are groups x channels per group: a heads structure (per block)
+    "regnet_group_conv": (Z.RegNet, img, ("fc.bias",), 2),
     "convnext_layernorm2d": (Z.ConvNeXt, img, ("head.bias",), 0),
     "unet": (Z.UNet, img, ("outc.bias",), 0),
     # the token-mixing MLP's output is the token axis (positions): its bias stays put
@@ -59,7 +60,7 @@ def expected_coverage(model: nn.Module, unpermuted: tuple[str, ...]) -> float:
 HEADS_PENDING = pytest.mark.xfail(
     strict=True, reason="head resolution of this attention pattern (symmetry-attention, issue 9)"
 )
-PENDING = {"cross_attention", "llama_gqa_rotary"}
+PENDING = {"cross_attention"}
 
 
 @pytest.mark.parametrize(

@@ -23,7 +23,7 @@ __all__ = ["emit_spec"]
 def emit_spec(w: Walk) -> PermutationSpec:
     """Close the union-find, resolve attention heads, and write the spec."""
     param_classes = {v for d in w.param_vars.values() for v in d}
-    layout = resolve_heads(w.V, param_classes, w.all_descs)
+    layout = resolve_heads(w.V, param_classes, w.all_descs, full=True)
     w.flush_warnings()
     return _Emitter(w, layout).spec()
 
@@ -34,6 +34,7 @@ class _Emitter:
         self.V = w.V
         self.segments = layout.segments
         self.seg_of = layout.seg_of
+        self.layout = layout
 
     def spec(self) -> PermutationSpec:
         V = self.V
@@ -61,7 +62,7 @@ class _Emitter:
         groups = {self.gname[g]: self.group_size(g) for g in gkeys}
         slots = {self.gname[g]: tuple(self.slots[g]) for g in gkeys}
         heads = {
-            self.gname[g]: Heads(V.size[V.find(g[1])], tuple(self.segments[g[1]][1]))
+            self.gname[g]: self.layout.heads[g[1]]
             for g in gkeys
             if g[0] == "heads"
         }
@@ -89,9 +90,10 @@ class _Emitter:
         n = V.size[r]
         if V.pinned[r] or n == 0:
             return
-        if r in self.seg_of:
-            a, start = self.seg_of[r]
-            self._place(("heads", a), offset, reps, stride, block, start, n, out)
+        hit = self.layout.where.get(r)
+        if hit is not None:
+            a, start, units, blk = hit
+            self._place(("heads", a), offset, reps, stride, block * blk, start, units, out)
             return
         d = V.defn.get(r)
         if d is None:
@@ -132,8 +134,7 @@ class _Emitter:
 
     def group_size(self, g: Any) -> int:
         if g[0] == "heads":
-            members, _ = self.segments[g[1]]
-            return sum(self.V.size[m] for m in members)
+            return self.layout.size[g[1]]
         return self.V.size[g[1]]
 
     # --- names ----------------------------------------------------------------------------------
@@ -177,9 +178,10 @@ class _Emitter:
         r = V.find(v)
         if V.pinned[r]:
             return []
-        if r in self.seg_of:
-            a, start = self.seg_of[r]
-            return [(("heads", a), offset, start, V.size[r])]
+        hit = self.layout.where.get(r)
+        if hit is not None:
+            a, start, units, blk = hit
+            return [(("heads", a), offset, start, units)] if blk == 1 else []
         d = V.defn.get(r)
         if d is None:
             return [(("plain", r), offset, 0, None)] if ("plain", r) in self.gname else []
@@ -225,7 +227,7 @@ class _Emitter:
         while stack:
             r = V.find(stack.pop())
             d = V.defn.get(r)
-            if d is not None and r not in self.seg_of:
+            if d is not None and r not in self.layout.where:
                 stack.extend(d[1])
             elif not V.pinned[r]:
                 wanted.add(r)
