@@ -31,6 +31,7 @@ MODELS = {
     "deit_tiny_patch16_224": ({"img_size": 32}, 32, 12),
     "efficientnet_b0": ({}, 32, 0),
     "mobilenetv3_small_100": ({}, 32, 0),
+    "mobilenetv2_050": ({}, 32, 0),
     "regnetx_002": ({}, 32, 0),
     "swin_tiny_patch4_window7_224": ({"img_size": 56}, 56, 12),  # roll, relative-position bias
     "mixer_s32_224": ({"img_size": 64}, 64, 0),
