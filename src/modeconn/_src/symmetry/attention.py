@@ -161,12 +161,15 @@ def _flatten(V: AxisVars, v: int) -> list[int]:
     return [x for c in d[1] for x in _flatten(V, c)]
 
 
-def _core(V: AxisVars, flat: list[int]) -> tuple[list[int], int]:
-    """``flat`` without its trailing pinned factors, and their total size (the block)."""
+def _core(V: AxisVars, flat: list[int], lead: bool = False) -> tuple[list[int], int]:
+    """``flat`` without its trailing pinned factors, and their total size (the block); with
+    ``lead`` also without leading pinned factors (a batch axis merged with the heads, ``b*h``)."""
     block = 1
     core = list(flat)
     while core and V.pinned[core[-1]]:
         block *= V.size[core.pop()]
+    while lead and core and V.pinned[core[0]]:
+        core.pop(0)
     return core, block
 
 
@@ -187,13 +190,15 @@ def _patterns(V: AxisVars, prods: dict[int, list[int]], blocked: set[int]) -> di
     """Candidate head classes and the shapes they occur in; ``ok`` False where not a head."""
     pats: dict[int, _Pattern] = {}
     for flat in prods.values():
-        core, _ = _core(V, flat)
+        core, _ = _core(V, flat, lead=True)
         if len(core) >= 2 and V.find(core[0]) not in blocked:
             pats.setdefault(core[0], _Pattern(core[0]))
     for flat in prods.values():
-        core, _ = _core(V, flat)
-        for i, x in enumerate(flat):
-            if x in pats and (i != 0 or any(V.pinned[y] for y in core)):
+        core, _ = _core(V, flat, lead=True)
+        for x in flat:
+            if x in pats and (
+                not core or x != core[0] or flat.count(x) > 1 or any(V.pinned[y] for y in core)
+            ):
                 pats[x].ok = False  # a head class inside another structure, or a pinned middle
         if core and core[0] in pats:
             p = pats[core[0]]
@@ -293,7 +298,8 @@ def _resolve(
                     bad.add(d)
                     continue
                 for flat in prods.values():
-                    if d in flat and (flat[0] != g or _core(V, flat)[0][-1] != d):
+                    c = _core(V, flat, lead=True)[0]
+                    if d in flat and (c[0] != g or c[-1] != d):
                         bad.add(d)
                         break
                 if d in bad:
@@ -336,7 +342,7 @@ def _one_free_factor(V: AxisVars, pats: dict[int, _Pattern]) -> bool:
     stack = [
         r
         for r, (k, _) in V.defn.items()
-        if k == "prod" and V.find(r) == r and tuple(_core(V, _flatten(V, r))[0]) in valid
+        if k == "prod" and V.find(r) == r and tuple(_core(V, _flatten(V, r), lead=True)[0]) in valid
     ]
     while stack:  # a group's products and every part of them
         r = V.find(stack.pop())
