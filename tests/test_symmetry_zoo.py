@@ -57,15 +57,7 @@ def expected_coverage(model: nn.Module, unpermuted: tuple[str, ...]) -> float:
     return 1 - sum(state[k].numel() for k in unpermuted) / total
 
 
-HEADS_PENDING = pytest.mark.xfail(
-    strict=True, reason="head resolution of this attention pattern (symmetry-attention, issue 9)"
-)
-PENDING = {"cross_attention"}
-
-
-@pytest.mark.parametrize(
-    "name", [pytest.param(n, marks=HEADS_PENDING) if n in PENDING else n for n in CASES]
-)
+@pytest.mark.parametrize("name", list(CASES))
 def test_plain_pytorch_architecture(name):
     factory, inputs, unpermuted, n_attention = CASES[name]
     torch.manual_seed(0)

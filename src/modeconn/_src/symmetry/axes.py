@@ -39,7 +39,7 @@ class AxisVars:
         self.label: dict[int, str] = {}  # var -> producer label (module path / param name)
 
     def new(
-        self, size: int, pinned: bool = False, label: str | None = None, why: str | None = None
+        self, size: int, pinned: bool = False, *, label: str | None = None, why: str | None = None
     ) -> int:
         v = len(self.parent)
         self.parent.append(v)

@@ -97,7 +97,7 @@ def getitem(w: Walk, call: Call) -> Desc:
                 out.append(v)
             else:
                 w.note(call, "keeps some positions", [v])
-                out.append(w.V.new(len(range(start, stop, step)), True, "a slice"))
+                out.append(w.V.new(len(range(start, stop, step)), True, why="a slice"))
             continue
         return w.unknown(call, "unexpected index")
     out.extend(x[pos:])
@@ -169,7 +169,7 @@ def positions(w: Walk, call: Call) -> Desc:
     out = list(x)
     for d in dims:
         if w.V.size[x[d]] != out_val.shape[d]:
-            out[d] = w.V.new(out_val.shape[d], True, name)
+            out[d] = w.V.new(out_val.shape[d], True, why=name)
     return tuple(out)
 
 

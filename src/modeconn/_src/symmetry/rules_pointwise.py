@@ -130,7 +130,7 @@ def reduce(w: Walk, call: Call) -> Desc:
         kept = tuple(v for i, v in enumerate(x) if i not in dims)
     elif call.name in ("topk", "kthvalue"):
         kept = tuple(
-            w.V.new(first.shape[i], True, "top-k positions") if i in dims else v
+            w.V.new(first.shape[i], True, why="top-k positions") if i in dims else v
             for i, v in enumerate(x)
         )
     else:

@@ -58,7 +58,7 @@ class Walk:
                 self.trainable.add(id(t))
         self.candidates: list[Candidate] = []
         self.all_descs: list[tuple[int, ...]] = []  # every tensor description (for head locality)
-        self.pending: dict[str, list[Any]] = {}  # op -> [why, [places], touched vars]
+        self.pending: dict[str, list[Any]] = {}  # op -> [(why, place, touched vars)]
         self.residual: set[int] = set()
         self.selector: dict[int, tuple[list[int], list[list[int]]]] = {}
 
@@ -174,10 +174,9 @@ class Walk:
         reason = f"{what} at {call.where}: {why}" if call.where else f"{what}: {why}"
         for v in touched:
             self.V.pin(v, reason)
-        entry = self.pending.setdefault(what, [why, [], []])
         at = f"at {call.where}" if call.where else f"(node {call.node.name})"
-        entry[1].append(f"{call.label!r} {at}" if call.module is not None else at)
-        entry[2].extend(touched)
+        place = f"{call.label!r} {at}" if call.module is not None else at
+        self.pending.setdefault(what, []).append((why, place, list(touched)))
 
     def unknown(self, call: Call, why: str = "no rule for this op") -> Desc:
         """Pin every axis ``call`` touches (inputs, outputs, a module's tensors)."""
@@ -275,10 +274,15 @@ class Walk:
         hidden = {self.V.find(v) for v in self.V.label}
         if not self.warn_enabled:
             return
-        for what, (why, places, touched) in self.pending.items():
-            if any(self.V.find(v) in hidden for v in touched):
-                first = places[0]
-                more = f" and {len(places) - 1} more" if len(places) > 1 else ""
+        for what, uses in self.pending.items():
+            hits = [
+                (why, place) for why, place, vs in uses if any(self.V.find(v) in hidden for v in vs)
+            ]
+            if hits:
+                (why, first), more = (
+                    hits[0],
+                    (f" and {len(hits) - 1} more" if len(hits) > 1 else ""),
+                )
                 warnings.warn(
                     f"modeconn.infer_spec: {what} {first}{more} ({why}) pins axes with hidden "
                     f"units, which are not permuted; {FIX_HINT}",
