@@ -341,3 +341,37 @@ def test_spec_table_says_what_pinned_each_axis():
     text = console.export_text()
     assert "a.weight[1]: network input" in text and "out.bias[0]: network output" in text
     assert mc.PermutationSpec.from_json(spec.to_json()).pins == spec.pins
+
+
+class BeitAttention(nn.Module):
+    """timm's BEiT: the fused qkv bias is cat(q_bias, a zero k_bias buffer, v_bias)."""
+
+    def __init__(self, dim: int = 8, heads: int = 2) -> None:
+        super().__init__()
+        self.inp, self.out = nn.Linear(5, dim), nn.Linear(dim, 3)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.q_bias, self.v_bias = nn.Parameter(torch.randn(dim)), nn.Parameter(torch.randn(dim))
+        self.register_buffer("k_bias", torch.zeros(dim), persistent=False)
+        self.proj, self.heads = nn.Linear(dim, dim), heads
+
+    def forward(self, x):
+        x = self.inp(x)
+        B, N, C = x.shape
+        qkv_bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
+        qkv = F.linear(x, weight=self.qkv.weight, bias=qkv_bias)
+        q, k, v = qkv.reshape(B, N, 3, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C)
+        return self.out(x + self.proj(y))
+
+
+def test_fused_qkv_bias_concatenated_with_a_zero_buffer_keeps_the_heads():
+    """The concatenated bias and the reshape into (3, heads, dims) agree; the zero k_bias (not in
+    the state dict) is constant, so reordering it changes nothing."""
+    model = randomize(BeitAttention()).eval()
+    model.k_bias.zero_()  # randomize() also perturbs buffers
+    x = torch.randn(2, 4, 5)
+    spec = mc.infer_spec(model, x, verify=False)
+    assert len(spec.heads) == 1
+    state = model.state_dict()
+    assert covered(spec, state, "q_bias", 0).all() and covered(spec, state, "qkv.weight", 0).all()
+    assert_symmetry(model, x, spec, seeds=(0, 1))

@@ -35,6 +35,8 @@ MODELS = {
     "regnetx_002": ({}, 32, 0),
     "swin_tiny_patch4_window7_224": ({"img_size": 56}, 56, 12),  # roll, relative-position bias
     "mixer_s32_224": ({"img_size": 64}, 64, 0),
+    # qkv bias = cat(q_bias, zero k_bias buffer, v_bias); relative-position bias tables
+    "beit_base_patch16_224": ({"img_size": 32, "depth": 2, "embed_dim": 64, "num_heads": 4}, 32, 2),
     "densenet121": ({}, 32, 0),
     "poolformer_s12": ({}, 32, 0),
 }

@@ -115,9 +115,14 @@ def _selector_split(
 ) -> list[int] | None:
     V = w.V
     c = out_shape[j]
-    if not queue or V.defn_of(queue[0]) is not None or not 1 < c <= 64:
+    if not queue or not 1 < c <= 64:
         return None
     n = V.size[queue[0]]
+    d = V.defn_of(queue[0])  # none, or already c equal parts (q, k, v biases concatenated)
+    if d is not None and not (
+        d[0] == "sum" and len(d[1]) == c and all(V.size[p] * c == n for p in d[1])
+    ):
+        return None
     if n % c or n == c:
         return None
     rest, k, prod = n // c, j + 1, 1

@@ -87,7 +87,9 @@ class Walk:
         """Variables of a parameter/buffer tensor's axes (shared by every use: weight tying)."""
         key = id(t)
         if key not in self.param_vars:
-            known = key in self.param_keys
+            # a tensor outside the state dict cannot be permuted with it, unless it is constant
+            # (timm BEiT's zero k_bias buffer): reordering a constant changes nothing
+            known = key in self.param_keys or _constant(t)
             why = None if known else "a tensor that is not in the state dict"
             self.param_vars[key] = tuple(self.V.new(s, not known, why=why) for s in t.shape)
             self.all_descs.append(self.param_vars[key])
@@ -308,6 +310,11 @@ _META_METHODS = frozenset(
     ]
 )
 _META_ATTRS = frozenset(["shape", "dtype", "device", "ndim", "layout", "is_cuda", "requires_grad"])
+
+
+def _constant(t: Tensor) -> bool:
+    flat = t.detach().flatten()
+    return flat.numel() > 0 and not t.is_meta and bool((flat == flat[0]).all())
 
 
 def _data_used(node: fx.Node) -> bool:
