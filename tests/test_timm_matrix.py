@@ -23,7 +23,8 @@ from symmetry_helpers import coverage, outputs
 
 timm = pytest.importorskip("timm")
 
-# name: (create_model kwargs, image size, attention groups an expert expects)
+# name: (create_model kwargs, image size, Heads groups an expert expects: attention layers, and
+# grouped (not depthwise) convolutions, whose groups move whole with channels permuted per group)
 MODELS = {
     "resnet18": ({}, 32, 0),
     "convnext_atto": ({}, 32, 0),  # LayerNorm2d: a channels-first LayerNorm, traced into
@@ -32,7 +33,7 @@ MODELS = {
     "efficientnet_b0": ({}, 32, 0),
     "mobilenetv3_small_100": ({}, 32, 0),
     "mobilenetv2_050": ({}, 32, 0),
-    "regnetx_002": ({}, 32, 0),
+    "regnetx_002": ({}, 32, 13),  # grouped convs: groups x channels per group (Heads groups)
     "swin_tiny_patch4_window7_224": ({"img_size": 56}, 56, 12),  # roll, relative-position bias
     "mixer_s32_224": ({"img_size": 64}, 64, 0),
     # qkv bias = cat(q_bias, zero k_bias buffer, v_bias); relative-position bias tables

@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import fx, nn
 
-from ..spec import Heads, PermutationSpec, Site, Slot
+from ..spec import PermutationSpec, Site, Slot
 from .attention import HeadLayout, resolve_heads
 from .rules_shape import PERMUTE, SHAPE_ONLY
 from .walk import Walk, is_t
@@ -61,11 +61,7 @@ class _Emitter:
         self.gname = dict(zip(gkeys, names, strict=True))
         groups = {self.gname[g]: self.group_size(g) for g in gkeys}
         slots = {self.gname[g]: tuple(self.slots[g]) for g in gkeys}
-        heads = {
-            self.gname[g]: self.layout.heads[g[1]]
-            for g in gkeys
-            if g[0] == "heads"
-        }
+        heads = {self.gname[g]: self.layout.heads[g[1]] for g in gkeys if g[0] == "heads"}
         spec = PermutationSpec(groups=groups, slots=slots, sites=self.make_sites(), heads=heads)
         spec.pins = pins
         return spec
