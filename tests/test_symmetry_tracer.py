@@ -375,3 +375,36 @@ def test_fused_qkv_bias_concatenated_with_a_zero_buffer_keeps_the_heads():
     state = model.state_dict()
     assert covered(spec, state, "q_bias", 0).all() and covered(spec, state, "qkv.weight", 0).all()
     assert_symmetry(model, x, spec, seeds=(0, 1))
+
+
+def test_values_read_only_for_their_shape_relate_nothing_but_in_place_ops_do():
+    """BART reads ``x[:, :, -1]`` only for its shape: that slice must not pin x's units. An
+    in-place op whose result is only measured still changes its input: it keeps its rule."""
+
+    class ShapeOnly(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(6, 8), nn.Linear(8, 3)
+
+        def forward(self, x):
+            h = self.a(x)
+            n = h[:, :, -1].shape[-1]  # only the shape is read
+            return self.b(h) * n
+
+    class InPlace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(6, 8), nn.Linear(8, 3)
+            self.s = nn.Parameter(torch.randn(8))
+
+        def forward(self, x):
+            h = self.a(x).clone()
+            n = h.mul_(self.s).shape[-1]  # the result is only measured, h is changed
+            return self.b(h) * n
+
+    x = torch.randn(2, 5, 6)
+    for cls in (ShapeOnly, InPlace):
+        model = randomize(cls()).eval()
+        spec = mc.infer_spec(model, x, verify=False)
+        assert covered(spec, model.state_dict(), "a.weight", 0).all(), cls.__name__
+        assert_symmetry(model, x, spec, seeds=(0,))

@@ -318,7 +318,13 @@ def _constant(t: Tensor) -> bool:
 
 
 def _data_used(node: fx.Node) -> bool:
-    """Does any user read the values of ``node`` (not only its shape, dtype, ...)?"""
+    """Does any user read the values of ``node`` (not only its shape, dtype, ...)? An in-place op
+    (``x.add_(y)``, ``x[i] = y``) counts as read: its effect lives on in its input."""
+    name = str(getattr(node.target, "__name__", node.target))
+    if (name.endswith("_") and not name.endswith("__")) or name in ("setitem", "copy_"):
+        return True
+    if name.startswith("i") and getattr(node.target, "__module__", "") in ("operator", "_operator"):
+        return True
     for u in node.users:
         if u.op == "call_method" and u.target in _META_METHODS and u.args[0] is node:
             continue
