@@ -64,6 +64,11 @@ from ._src import landscape
 from ._src.paths.ensemble import EnsembleResult, curve_ensemble, evaluate_ensemble, fge
 from ._src.paths.pam import pam_align
 
+# --- the rest of the field (issue 12): SWA, instability, AutoNEB, simplexes, subspaces ---------
+from ._src.swa import swa
+from ._src.instability import InstabilityResult, instability
+from ._src.paths import Simplex, autoneb, fit_simplex, fit_subspace, simplex_ensemble
+
 # --- merging ---------------------------------------------------------------------------------
 from ._src.merge import MergedState, MergeRecipe, merge, merge_methods
 
@@ -93,6 +98,9 @@ __all__ = [
     "LinearPath", "BezierCurve", "PolyChain", "PathEvaluation", "fit_curve", "evaluate_path",
     "load_path", "plot_paths", "pam_align", "landscape", "EnsembleResult", "curve_ensemble",
     "evaluate_ensemble", "fge",
+    # the rest of the field: SWA, instability, AutoNEB, simplexes, subspaces
+    "swa", "instability", "InstabilityResult", "autoneb", "Simplex", "fit_simplex",
+    "simplex_ensemble", "fit_subspace",
     # merging
     "merge", "merge_methods", "MergedState", "MergeRecipe",
 ]  # fmt: skip
