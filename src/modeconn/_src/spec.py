@@ -210,7 +210,8 @@ class PermutationSpec:
                 sites={g: tuple(Site(**s) for s in ss) for g, ss in d.get("sites", {}).items()},
                 heads={g: Heads.from_dict(h) for g, h in d.get("heads", {}).items()},
                 pins={
-                    p: {int(a): str(w) for a, w in ax.items()} for p, ax in d.get("pins", {}).items()
+                    p: {int(a): str(why) for a, why in ax.items()}
+                    for p, ax in d.get("pins", {}).items()
                 },
             )
         except (KeyError, TypeError, ValueError) as e:
