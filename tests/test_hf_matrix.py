@@ -45,12 +45,17 @@ TRACER = "tracer (symmetry-core): "
 HEADS = "head resolution (symmetry-attention): "
 WM = "weight matching (helper wm): "
 XFAIL: dict[tuple[str, str], str] = {
-    ("bloom", "attention"): HEADS + "ALiBi: fixed-order heads with free dims not resolved yet",
+    ("bloom", "attention"): HEADS + "ALiBi pins the heads (Heads(fixed=True) not inferred: a "
+    "pinned head axis may also be a moved one) and q/k/v are fused per head (strided slot)",
     **{
-        (f, "attention"): HEADS + "partial rotary needs strided slots (q/k split per head)"
-        for f in ("phi", "gpt_neox", "gptj")
+        (f, "attention"): TRACER + "q[..., :rotary_dim] pins the whole q/k head dim (the "
+        "unrotated half is free: a sum structure there would keep it)"
+        for f in ("phi", "gptj")
     },
-    ("falcon", "attention"): HEADS + "fused qkv interleaved per kv group needs strided slots",
+    ("gpt_neox", "attention"): HEADS + "q/k/v fused per head, g x (q + k + v): needs a slot "
+    "with a stride between heads (Slot has none), so whole heads move as plain blocks",
+    ("falcon", "attention"): HEADS + "qkv fused per key/value group needs a slot with a stride "
+    "between groups (Slot has none)",
     ("mobilenet_v2", "planted"): WM + "default call stalls on the 17-block MobileNetV2",
 }
 
