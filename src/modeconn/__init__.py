@@ -37,6 +37,7 @@ from ._src.assign import solve_assignment
 from . import data, models
 from ._src.adversarial import PGDConfig, pgd_attack, robust_evaluate
 from ._src.io import Checkpoint, load_checkpoint, load_model, save_checkpoint
+from ._src.hf import permute_checkpoint, save_model_folder
 from ._src.train import TrainResult, train
 
 # --- symmetry: spec inference ----------------------------------------------------------------
@@ -70,7 +71,8 @@ from ._src.instability import InstabilityResult, instability
 from ._src.paths import Simplex, autoneb, fit_simplex, fit_subspace, simplex_ensemble
 
 # --- merging ---------------------------------------------------------------------------------
-from ._src.merge import MergedState, MergeRecipe, merge, merge_methods
+from ._src.merge import MergedState, MergeRecipe, merge, merge_files, merge_methods
+from ._src.merge import streaming_methods
 
 # The public names, by section (docs/API.md documents each). Keep in step with the imports above:
 # tests/test_public_api.py checks that every imported public name is listed here and vice versa.
@@ -87,6 +89,7 @@ __all__ = [
     "random_permutation",
     # foundation: models, data, checkpoints, training, adversarial robustness
     "models", "data", "Checkpoint", "save_checkpoint", "load_checkpoint", "load_model",
+    "save_model_folder", "permute_checkpoint",
     "TrainResult", "train", "PGDConfig", "pgd_attack", "robust_evaluate",
     # symmetry: spec inference
     "infer_spec", "capture_sites", "register_rule",
@@ -102,5 +105,5 @@ __all__ = [
     "swa", "instability", "InstabilityResult", "autoneb", "Simplex", "fit_simplex",
     "simplex_ensemble", "fit_subspace",
     # merging
-    "merge", "merge_methods", "MergedState", "MergeRecipe",
+    "merge", "merge_methods", "MergedState", "MergeRecipe", "merge_files", "streaming_methods",
 ]  # fmt: skip
