@@ -54,8 +54,8 @@ XFAIL: dict[tuple[str, str], str] = {
     },
     ("gpt_neox", "attention"): HEADS + "q/k/v fused per head, g x (q + k + v): needs a slot "
     "with a stride between heads (Slot has none), so whole heads move as plain blocks",
-    ("falcon", "attention"): HEADS + "qkv fused per key/value group needs a slot with a stride "
-    "between groups (Slot has none)",
+    ("falcon", "attention"): TRACER + "qkv[:, :, :, [-2]] (list indexing) pins the fused axis; "
+    "then q/k/v fused per key/value group need a slot with a stride (Slot has none)",
     ("mobilenet_v2", "planted"): WM + "default call stalls on the 17-block MobileNetV2",
 }
 

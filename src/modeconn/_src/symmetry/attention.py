@@ -39,6 +39,8 @@ class HeadLayout:
     heads: dict[int, Heads] = field(default_factory=dict)
     size: dict[int, int] = field(default_factory=dict)
     simple: set[int] = field(default_factory=set)  # groups the older view expresses
+    # (what, why, place, vars) for each attention structure pinned here: the walk's warnings
+    notes: list[tuple[str, str, str, list[int]]] = field(default_factory=list)
 
 
 def _flatten(V: AxisVars, v: int) -> list[int]:
@@ -158,6 +160,7 @@ def resolve_heads(
 def _resolve(
     V: AxisVars, param_classes: set[int], descs: list[tuple[int, ...]]
 ) -> tuple[HeadLayout, dict[int, _Pattern]]:
+    notes: list[tuple[str, str, str, list[int]]] = []
     cache: dict[int, list[int]] = {}
     while True:
         V.close()
@@ -210,12 +213,24 @@ def _resolve(
             for d in bad:
                 if not V.pinned[V.find(d)]:
                     V.pin(d, "dims inside a head, shared with another structure")
+                    notes.append(_note(V, prods, d))
                     changed = True
         if not changed:
             changed = _one_free_factor(V, pats)
         if not changed:
             break
-    return _layout(V, pats, param_classes), pats
+    layout = _layout(V, pats, param_classes)
+    layout.notes = notes
+    return layout, pats
+
+
+def _note(V: AxisVars, prods: dict[int, list[int]], d: int) -> tuple[str, str, str, list[int]]:
+    """A warning entry for pinned head dims: the attention module whose products carry them."""
+    labels = {V.find(v): lab for v, lab in V.label.items()}
+    carriers = [r for r, flat in prods.items() if d in flat]
+    place = next((labels[r] for r in carriers if r in labels), "an attention block")
+    why = "its dims inside a head also occur elsewhere; whole heads move"
+    return ("attention", why, repr(place), carriers or [d])
 
 
 def _one_free_factor(V: AxisVars, pats: dict[int, _Pattern]) -> bool:
