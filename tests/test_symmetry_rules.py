@@ -292,7 +292,13 @@ case(
 )
 
 # indexing and positions: the channel axis is untouched
-case("getitem", "seq", lambda s, u, v, x: u[:, 0] + u[torch.arange(2), x[:, :, 0].argmax(-1)])
+case(
+    "getitem",
+    "seq",
+    lambda s, u, v, x: (
+        u[:, 0] + u[torch.arange(2), x[:, :, 0].argmax(-1)] + u[:, [-2]].sum(1) + u[:, [0, 1]][:, 0]
+    ),
+)
 case("gather", "seq", lambda s, u, v, x: torch.gather(u, 1, u.argsort(1)))
 case("take_along_dim", "seq", lambda s, u, v, x: torch.take_along_dim(u, u.argsort(1), dim=1))
 case("index_select", "seq", lambda s, u, v, x: torch.index_select(u, 1, torch.tensor([0, 2])))

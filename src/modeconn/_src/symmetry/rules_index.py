@@ -49,8 +49,11 @@ def getitem(w: Walk, call: Call) -> Desc:
     index = w.value(idx)
     if not isinstance(index, tuple):
         index = (index,)
-    if any(isinstance(i, list) for i in index):
-        return w.unknown(call, "indexing with a list")
+    if any(isinstance(i, list) for i in index):  # x[:, [0, 2]]: an index tensor, as numpy reads it
+        try:
+            index = tuple(torch.tensor(i) if isinstance(i, list) else i for i in index)
+        except (TypeError, ValueError, RuntimeError):
+            return w.unknown(call, "indexing with a list")
 
     def is_bool(i: Any) -> bool:
         return isinstance(i, Tensor) and i.dtype == torch.bool
