@@ -41,7 +41,7 @@ from ._src.hf import permute_checkpoint, save_model_folder
 from ._src.train import TrainResult, train
 
 # --- symmetry: spec inference ----------------------------------------------------------------
-from ._src.infer import capture_sites, infer_spec
+from ._src.symmetry import capture_sites, infer_spec, register_rule
 
 # --- alignment ---------------------------------------------------------------------------------
 from ._src.align import align, align_states, aligner_names, merge_many, register_aligner
@@ -92,7 +92,7 @@ __all__ = [
     "save_model_folder", "permute_checkpoint",
     "TrainResult", "train", "PGDConfig", "pgd_attack", "robust_evaluate",
     # symmetry: spec inference
-    "infer_spec", "capture_sites",
+    "infer_spec", "capture_sites", "register_rule",
     # alignment
     "align", "align_states", "aligner_names", "register_aligner", "get_aligner", "Aligner",
     "AlignInputs", "pam_align", "ot_matching", "ot_transport", "ot_fusion", "ot_barycenter",
