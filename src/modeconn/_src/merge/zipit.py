@@ -189,7 +189,7 @@ def _correlations(spec: PermutationSpec, model: nn.Module, states: Sequence[Mapp
                   ) -> dict[str, Tensor]:
     """``{group: (N·n, N·n) correlation}`` of the N models' features, summed over sites."""
     from ..align.activation import StreamingCorrelation, _units
-    from ..infer import capture_sites
+    from ..symmetry import capture_sites
 
     groups = [g for g, n in spec.groups.items() if n > 1]
     missing = [g for g in groups if not spec.sites.get(g)]
