@@ -13,7 +13,66 @@ import torch
 
 import modeconn as mc
 from modeconn._src.assign import solve_assignment
-from modeconn._src.spec import apply_permutation, identity_permutation
+from modeconn._src.spec import Heads, PermutationSpec, Slot, apply_permutation, identity_permutation
+
+
+def gpt2_spec(n_layer: int, d: int, n_head: int, prefix: str = "") -> PermutationSpec:
+    """The full permutation symmetry of Hugging Face ``GPT2Model`` (written by hand).
+
+    Groups: the residual stream (``d``: embeddings, every LayerNorm, the input axis of every
+    ``Conv1D`` reading the stream and the output axis of every one writing it); per layer the
+    attention group (``2d`` units: q/k dims ``0..d-1``, shared by the q and k slices of
+    ``c_attn``, then v dims, ``n_head`` heads over both) and the MLP hidden group (``4d``).
+    """
+    p = prefix
+    stream = [Slot(f"{p}wte.weight", 1), Slot(f"{p}wpe.weight", 1)]
+    stream += [Slot(f"{p}ln_f.weight", 0), Slot(f"{p}ln_f.bias", 0)]
+    groups: dict[str, int] = {"stream": d}
+    slots: dict[str, tuple[Slot, ...]] = {}
+    heads: dict[str, Heads] = {}
+    on_stream = ("ln_1.weight", "ln_1.bias", "ln_2.weight", "ln_2.bias", "attn.c_attn.weight")
+    on_stream += ("attn.c_proj.bias", "mlp.c_fc.weight", "mlp.c_proj.bias")
+    for i in range(n_layer):
+        h = f"{p}h.{i}."
+        stream += [Slot(h + n, 0) for n in on_stream]
+        stream += [Slot(h + "attn.c_proj.weight", 1), Slot(h + "mlp.c_proj.weight", 1)]
+        att, mlp = f"h{i}.attn", f"h{i}.mlp"
+        groups[att], groups[mlp] = 2 * d, 4 * d
+        heads[att] = Heads(n_head, ((0, d // n_head), (d, d // n_head)))
+        slots[att] = tuple(
+            Slot(h + "attn.c_attn." + w, ax, offset=off, unit_start=us, length=d)
+            for w, ax in (("weight", 1), ("bias", 0))
+            for off, us in ((0, 0), (d, 0), (2 * d, d))
+        ) + (Slot(h + "attn.c_proj.weight", 0, unit_start=d, length=d),)
+        slots[mlp] = (
+            Slot(h + "mlp.c_fc.weight", 1),
+            Slot(h + "mlp.c_fc.bias", 0),
+            Slot(h + "mlp.c_proj.weight", 0),
+        )
+    slots["stream"] = tuple(stream)
+    return PermutationSpec(groups, slots, heads=heads)
+
+
+def gpt2_state(
+    n_layer: int, d: int, vocab: int, n_pos: int, seed: int, dtype: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor]:
+    """A random ``GPT2Model``-shaped state dict, built directly (no model, no tracing)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def t(*shape: int, mean: float = 0.0, std: float = 0.02) -> torch.Tensor:
+        return (torch.randn(*shape, generator=gen) * std + mean).to(dtype)
+
+    s = {"wte.weight": t(vocab, d), "wpe.weight": t(n_pos, d)}
+    for i in range(n_layer):
+        h = f"h.{i}."
+        for ln in ("ln_1", "ln_2"):
+            s[h + ln + ".weight"], s[h + ln + ".bias"] = t(d, mean=1.0, std=0.1), t(d)
+        s[h + "attn.c_attn.weight"], s[h + "attn.c_attn.bias"] = t(d, 3 * d), t(3 * d)
+        s[h + "attn.c_proj.weight"], s[h + "attn.c_proj.bias"] = t(d, d), t(d)
+        s[h + "mlp.c_fc.weight"], s[h + "mlp.c_fc.bias"] = t(d, 4 * d), t(4 * d)
+        s[h + "mlp.c_proj.weight"], s[h + "mlp.c_proj.bias"] = t(4 * d, d), t(d)
+    s["ln_f.weight"], s["ln_f.bias"] = t(d, mean=1.0, std=0.1), t(d)
+    return s
 
 
 def _pair(name: str, shape: tuple[int, ...], **kw: object) -> tuple[torch.nn.Module, ...]:
