@@ -7,13 +7,23 @@ permuting the whole state dict (``apply_permutation``) -- the cost the spec-slot
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 
 import torch
 
 import modeconn as mc
+from modeconn._src.align.wm_problem import Problem
 from modeconn._src.assign import solve_assignment
-from modeconn._src.spec import Heads, PermutationSpec, Slot, apply_permutation, identity_permutation
+from modeconn._src.spec import (
+    Heads,
+    PermutationSpec,
+    Slot,
+    apply_permutation,
+    identity_permutation,
+    random_permutation,
+)
 
 
 def gpt2_spec(n_layer: int, d: int, n_head: int, prefix: str = "") -> PermutationSpec:
@@ -120,7 +130,8 @@ def _bench_weight(
     sa, sb = a.state_dict(), b.state_dict()
     n_params = sum(t.numel() for t in sa.values())
     t0 = time.perf_counter()
-    perm = mc.weight_matching(spec, sa, sb)
+    ident = identity_permutation(spec)  # the reference's start
+    perm = mc.weight_matching(spec, sa, sb, init=ident)
     t_fast = time.perf_counter() - t0
     t0 = time.perf_counter()
     ref, ref_rounds = _naive_weight_matching(spec, sa, sb)
@@ -133,6 +144,111 @@ def _bench_weight(
         f"{perm.info['objective_init']:.2f} -> {perm.info['objective']:.2f}; "
         f"whole-state reference {t_ref:.2f} s ({ref_rounds} rounds, same result: {same}), "
         f"speed-up x{t_ref / t_fast:.1f}"
+    )
+
+
+class RssAnonPeak:
+    """Peak anonymous resident memory (``RssAnon`` of ``/proc/self/status``) above the level at
+    entry, sampled every 2 ms by a thread (Linux only; ``peak`` stays ``nan`` elsewhere)."""
+
+    def __enter__(self) -> RssAnonPeak:
+        self.base = self.peak = _rss_anon()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, _rss_anon())
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_anon())
+
+    @property
+    def extra(self) -> float:
+        """Bytes above the level at entry."""
+        return self.peak - self.base
+
+
+def _rss_anon() -> float:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def _floor_round(prob: Problem) -> float:
+    """CPU seconds of one round's irreducible work on these shapes: every group's cost-matrix
+    matmuls (random operands of the same shapes and dtype, made outside the clock) + one
+    assignment per group."""
+    total = 0.0
+    gen = torch.Generator().manual_seed(0)
+    for g, terms in prob.terms.items():
+        c = torch.zeros(prob.spec.groups[g], prob.spec.groups[g], dtype=prob.dtype)
+        for t in terms:
+            axis_len = prob.a[t.param].shape[t.axis]
+            npos = axis_len if t.pos is None else len(t.pos)
+            k = npos // t.n * (prob.a[t.param].numel() // axis_len)
+            x = torch.randn(t.n, k, generator=gen, dtype=prob.dtype)
+            y = torch.randn(t.n, k, generator=gen, dtype=prob.dtype)
+            t0 = time.process_time()
+            c[t.lo : t.lo + t.n, t.lo : t.lo + t.n].addmm_(x, y.T)
+            total += time.process_time() - t0
+            del x, y
+        t0 = time.process_time()
+        solve_assignment(c, prob.spec.heads.get(g))
+        total += time.process_time() - t0
+    return total
+
+
+def _bench_gpt2(n_layer: int = 12, d: int = 768, vocab: int = 50257, n_pos: int = 1024) -> None:
+    """GPT-2-small-shaped pair (124M parameters, the full symmetry with the residual stream)."""
+    spec = gpt2_spec(n_layer, d, d // 64)
+    sa = gpt2_state(n_layer, d, vocab, n_pos, seed=0)
+    sb = gpt2_state(n_layer, d, vocab, n_pos, seed=1)
+    n = sum(t.numel() for t in sa.values())
+    two_models = 2 * sum(t.numel() * t.element_size() for t in sa.values())
+    floor = _floor_round(Problem(spec, sa, sb, torch.device("cpu"), torch.float64))
+    with RssAnonPeak() as mem:
+        t0 = time.process_time()
+        perm = mc.weight_matching(spec, sa, sb, max_iter=2)
+        dt = time.process_time() - t0
+    rounds = perm.info["rounds"] + 1  # + the matched start, which solves every group once
+    print(
+        f"weight matching GPT-2-small shape ({n / 1e6:.0f}M params, {len(spec.groups)} groups), "
+        f"independent pair: {dt:.1f} s (CPU) for the matched start + {perm.info['rounds']} rounds; "
+        f"per-round time / floor {dt / rounds / floor:.2f} (floor {floor:.1f} s/round: cost "
+        f"matmuls + one assignment per group); peak extra memory / the two models "
+        f"{mem.extra / two_models:.2f} ({mem.extra / 2**20:.0f} MiB above "
+        f"{two_models / 2**20:.0f} MiB)"
+    )
+    planted = random_permutation(spec, seed=0)
+    sb = apply_permutation(spec, planted, sa)
+    with RssAnonPeak() as mem:
+        t0 = time.perf_counter()
+        perm = mc.weight_matching(spec, sa, sb)
+        dt = time.perf_counter() - t0
+    ok = all(torch.equal(perm[g], torch.argsort(planted[g])) for g in spec.groups)
+    print(
+        f"weight matching GPT-2-small shape, planted permutation: recovered {ok} in {dt:.1f} s "
+        f"({perm.info['rounds']} round after the matched start); peak extra memory / the two "
+        f"models {mem.extra / two_models:.2f}"
+    )
+    half_a = {k: v.to(torch.bfloat16) for k, v in sa.items()}
+    half_b = {k: v.to(torch.bfloat16) for k, v in sb.items()}
+    with RssAnonPeak() as mem:
+        perm = mc.weight_matching(spec, half_a, half_b)
+    ok = all(torch.equal(perm[g], torch.argsort(planted[g])) for g in spec.groups)
+    print(
+        f"  same in bf16: recovered {ok}; peak extra memory / the two bf16 models "
+        f"{mem.extra / (two_models / 2):.2f}"
     )
 
 
@@ -150,6 +266,10 @@ def _bench_activation(label: str, a: torch.nn.Module, b: torch.nn.Module, x: tor
 
 def main() -> None:
     print(f"torch threads: {torch.get_num_threads()}")
+    if os.environ.get("MODECONN_BENCH_SMALL"):  # a quick run at a fraction of the size
+        _bench_gpt2(n_layer=4, d=256, vocab=8000, n_pos=256)
+    else:
+        _bench_gpt2()
     a, b = _pair("mlp", (40,), width=512, depth=3)
     _bench_weight("MLP 3x512", a, b, torch.randn(2, 40))
     ra, rb = _pair("resnet", (1, 8, 8), width=4)

@@ -26,8 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import ConfigError, IncompatibleModelsError
-from .evaluation import DataLike, Metrics, evaluate, with_state
-from .norm import needs_bn_reset, reset_bn
+from .evaluation import Batches, DataLike, Metrics, StateRunner, cache_batches
 from .progress import progress_bar
 from .state import check_compatible, combine, lerp
 
@@ -79,10 +78,20 @@ def evaluate_state(
         >>> evaluate_state(m, m.state_dict(), (x, y)).n
         8
     """
-    if bn_data is not None and needs_bn_reset(model):
-        fresh = reset_bn(with_state(model, state), bn_data, device=device)
-        return evaluate(fresh, data, device=device, batch_size=batch_size)
-    return evaluate(model, data, state=state, device=device, batch_size=batch_size)
+    run = StateRunner(model, device=device, bn_data=bn_data, batch_size=batch_size)
+    return run(state, data)
+
+
+def _runner(
+    model: nn.Module,
+    data: DataLike,
+    bn_data: DataLike | None,
+    device: str | torch.device | None,
+    batch_size: int,
+) -> tuple[StateRunner, Batches]:
+    """One runner and the data read once, for a grid of states."""
+    run = StateRunner(model, device=device, bn_data=bn_data, batch_size=batch_size)
+    return run, cache_batches(data, run.device, batch_size)
 
 
 def _param_names(model: nn.Module, state: Mapping[str, Tensor]) -> list[str]:
@@ -280,12 +289,10 @@ def plane(
     ys = _grid_axis(float(box[:, 1].min()), float(box[:, 1].max()), margin, ny)
     loss = torch.empty(ny, nx, dtype=torch.float64)
     acc = torch.empty(ny, nx, dtype=torch.float64)
+    run, batches = _runner(model, data, bn_data, device, batch_size)
     cells = [(j, i) for j in range(ny) for i in range(nx)]
     for j, i in _progress(cells, len(cells), "plane", progress):
-        m = evaluate_state(
-            model, basis.state(float(xs[i]), float(ys[j])), data,
-            bn_data=bn_data, device=device, batch_size=batch_size,
-        )
+        m = run(basis.state(float(xs[i]), float(ys[j])), batches)
         loss[j, i], acc[j, i] = m.loss, m.accuracy
     return PlaneResult(xs, ys, loss, acc, pts, basis, curve_xy, curve_dist)
 
@@ -365,14 +372,9 @@ class SliceResult:
 def _shift(
     state: Mapping[str, Tensor], dirs: Sequence[Mapping[str, Tensor]], coefs: Sequence[float]
 ) -> State:
-    out = dict(state)
-    for k in dirs[0]:
-        t = state[k]
-        acc = t.to(torch.float64)
-        for d, c in zip(dirs, coefs, strict=True):
-            acc = acc + float(c) * d[k].to(t.device, torch.float64)
-        out[k] = acc.to(t.dtype)
-    return out
+    """``θ + Σ c_i d_i`` on the directions' tensors (:func:`~modeconn.combine`); others kept."""
+    moved = {k: state[k] for k in dirs[0]}
+    return {**state, **combine([moved, *dirs], [1.0, *coefs])}
 
 
 def random_slice(
@@ -430,24 +432,27 @@ def random_slice(
             dirs.append(filter_normalized_direction(state, names, seed=seed + i))
         else:
             gen = torch.Generator().manual_seed(seed + i)
-            raw = {k: torch.randn(state[k].shape, generator=gen, dtype=torch.float64)
-                   for k in names}
+            raw = {
+                k: torch.randn(state[k].shape, generator=gen, dtype=torch.float64) for k in names
+            }
             scale = float(_flat(state, names).norm()) / float(_flat(raw, names).norm())
-            dirs.append({k: (v * scale).to(state[k].device, state[k].dtype)
-                         for k, v in raw.items()})
+            dirs.append(
+                {k: (v * scale).to(state[k].device, state[k].dtype) for k, v in raw.items()}
+            )
     alphas = torch.linspace(-span, span, steps, dtype=torch.float64)
     betas = alphas.clone() if dims == 2 else None
     shape = (steps,) if dims == 1 else (steps, steps)
     loss = torch.empty(shape, dtype=torch.float64)
     acc = torch.empty(shape, dtype=torch.float64)
-    cells = ([(i,) for i in range(steps)] if dims == 1
-             else [(j, i) for j in range(steps) for i in range(steps)])
+    cells = (
+        [(i,) for i in range(steps)]
+        if dims == 1
+        else [(j, i) for j in range(steps) for i in range(steps)]
+    )
+    run, batches = _runner(model, data, bn_data, device, batch_size)
     for cell in _progress(cells, len(cells), "slice", progress):
         coefs = [float(alphas[cell[-1]])] + ([float(alphas[cell[0]])] if dims == 2 else [])
-        m = evaluate_state(
-            model, _shift(state, dirs, coefs), data,
-            bn_data=bn_data, device=device, batch_size=batch_size,
-        )
+        m = run(_shift(state, dirs, coefs), batches)
         loss[cell], acc[cell] = m.loss, m.accuracy
     return SliceResult(alphas, betas, loss, acc, dirs)
 
@@ -551,11 +556,9 @@ def monotonic_interpolation(
             raise ConfigError("ts must hold at least two increasing values")
     loss = torch.empty(len(grid), dtype=torch.float64)
     acc = torch.empty(len(grid), dtype=torch.float64)
+    run, batches = _runner(model, data, bn_data, device, batch_size)
     for i in _progress(range(len(grid)), len(grid), "MLI", progress):
-        m = evaluate_state(
-            model, lerp(state_init, state_final, float(grid[i])), data,
-            bn_data=bn_data, device=device, batch_size=batch_size,
-        )
+        m = run(lerp(state_init, state_final, float(grid[i])), batches)
         loss[i], acc[i] = m.loss, m.accuracy
     bump, j = largest_bump(loss)
     return MLIResult(grid, loss, acc, bump <= tol, bump, None if j is None else float(grid[j]))
@@ -609,8 +612,14 @@ def plot_plane(
 
         lv = np.geomspace(zmin, float(z.max()), levels)
         # log-spaced levels need a log colour norm, or every level below the top few is dark
-        cs = ax.contourf(result.xs.numpy(), result.ys.numpy(), np.maximum(z, zmin), levels=lv,
-                         cmap="viridis", norm=LogNorm(vmin=zmin, vmax=float(z.max())))
+        cs = ax.contourf(
+            result.xs.numpy(),
+            result.ys.numpy(),
+            np.maximum(z, zmin),
+            levels=lv,
+            cmap="viridis",
+            norm=LogNorm(vmin=zmin, vmax=float(z.max())),
+        )
     else:
         cs = ax.contourf(result.xs.numpy(), result.ys.numpy(), z, levels=levels, cmap="viridis")
     bar = fig.colorbar(cs, ax=ax, label=metric)
