@@ -1,8 +1,14 @@
-"""Alignment benchmark: weight matching time/objective/rounds, activation matching time per 10k.
+"""Alignment benchmark: weight matching time, memory and recovery; activation matching speed.
 
-Pairs are independently initialised zoo models (random init is enough for timing). The weight
-matching is also compared, in the same run, with a reference that builds every cost matrix by
-permuting the whole state dict (``apply_permutation``) -- the cost the spec-slot gathers avoid.
+1. A GPT-2-small-shaped pair (124M parameters, state dicts built directly, the full symmetry
+   with the residual stream, ``gpt2_spec``): per-round CPU time / floor (each group's cost-matrix
+   matmuls + one assignment, timed on the same shapes in the same run; target <= 2) and peak
+   extra anonymous memory (``RssAnon`` sampled from /proc) / the two models (target <= 1), for an
+   independent pair, a planted permutation (recovered?) and the same in bf16.
+2. The PyTorch port of rebasin as a peer on the same pair, when ``MODECONN_REBASIN_PYTORCH``
+   names its checkout (``MODECONN_BENCH_SMALL=1``: a quarter-size GPT-2 for a quick run).
+3. Zoo pairs (random init is enough for timing) against a reference that builds every cost
+   matrix by permuting the whole state dict (``apply_permutation``), both from the identity.
 """
 
 from __future__ import annotations
@@ -232,13 +238,13 @@ def _bench_gpt2(n_layer: int = 12, d: int = 768, vocab: int = 50257, n_pos: int 
     planted = random_permutation(spec, seed=0)
     sb = apply_permutation(spec, planted, sa)
     with RssAnonPeak() as mem:
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         perm = mc.weight_matching(spec, sa, sb)
-        dt = time.perf_counter() - t0
+        dt = time.process_time() - t0
     ok = all(torch.equal(perm[g], torch.argsort(planted[g])) for g in spec.groups)
     print(
         f"weight matching GPT-2-small shape, planted permutation: recovered {ok} in {dt:.1f} s "
-        f"({perm.info['rounds']} round after the matched start); peak extra memory / the two "
+        f"(CPU; {perm.info['rounds']} round after the matched start); peak extra memory / the two "
         f"models {mem.extra / two_models:.2f}"
     )
     half_a = {k: v.to(torch.bfloat16) for k, v in sa.items()}
@@ -250,6 +256,72 @@ def _bench_gpt2(n_layer: int = 12, d: int = 768, vocab: int = 50257, n_pos: int 
         f"  same in bf16: recovered {ok}; peak extra memory / the two bf16 models "
         f"{mem.extra / (two_models / 2):.2f}"
     )
+
+
+def _rebasin_peer() -> object | None:
+    """The PyTorch port of Git Re-Basin's weight matching (github.com/themrzmaster/
+    git-re-basin-pytorch, ``utils/weight_matching.py``), loaded from the checkout that
+    ``MODECONN_REBASIN_PYTORCH`` names; never vendored. The authors' own code
+    (github.com/samuela/git-re-basin) is JAX, which this benchmark does not run."""
+    import importlib.util
+
+    root = os.environ.get("MODECONN_REBASIN_PYTORCH")
+    path = os.path.join(root, "utils", "weight_matching.py") if root else ""
+    if not path or not os.path.exists(path):
+        return None
+    spec = importlib.util.spec_from_file_location("rebasin_peer", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _bench_rebasin(n_layer: int = 12, d: int = 768, vocab: int = 50257, n_pos: int = 1024) -> None:
+    """Ours vs the PyTorch port of rebasin on the GPT-2-small-shaped pair, on the part of the
+    symmetry its spec format can state (the residual stream and the MLP groups: it has no
+    offsets, so no fused q/k/v, and no heads)."""
+    peer = _rebasin_peer()
+    if peer is None:
+        print(
+            "rebasin peer: not run (set MODECONN_REBASIN_PYTORCH to a checkout of "
+            "github.com/themrzmaster/git-re-basin-pytorch; the authors' JAX code is not run here)"
+        )
+        return
+    import contextlib
+    import io
+
+    full = gpt2_spec(n_layer, d, d // 64)
+    keep = [g for g in full.groups if g == "stream" or g.endswith(".mlp")]
+    spec = PermutationSpec({g: full.groups[g] for g in keep}, {g: full.slots[g] for g in keep})
+    sa = gpt2_state(n_layer, d, vocab, n_pos, seed=0)
+    axes: dict[str, list[str | None]] = {}
+    for g in keep:
+        for sl in spec.slots[g]:
+            axes.setdefault(sl.param, [None] * sa[sl.param].dim())[sl.axis] = g
+    peer_spec = peer.permutation_spec_from_axes_to_perm({k: tuple(v) for k, v in axes.items()})  # type: ignore[attr-defined]
+    two_models = 2 * sum(t.numel() * t.element_size() for t in sa.values())
+    for label, sb in (
+        ("independent pair", gpt2_state(n_layer, d, vocab, n_pos, seed=1)),
+        ("planted", None),
+    ):
+        planted = random_permutation(spec, seed=0)
+        sb = sb if sb is not None else apply_permutation(spec, planted, sa)
+        runs = {}
+        for who in ("modeconn", "rebasin"):
+            with RssAnonPeak() as mem, contextlib.redirect_stdout(io.StringIO()):
+                t0 = time.process_time()
+                if who == "modeconn":
+                    perm = dict(mc.weight_matching(spec, sa, sb))
+                else:
+                    perm = peer.weight_matching(peer_spec, sa, sb)  # type: ignore[attr-defined]
+                dt = time.process_time() - t0
+            perm = {g: torch.as_tensor(p).long() for g, p in perm.items()}
+            ok = all(torch.equal(perm[g], torch.argsort(planted[g])) for g in keep)
+            obj = mc.weight_objective(spec, sa, sb, perm)
+            runs[who] = f"{dt:.0f} s, J {obj:.1f}, memory {mem.extra / two_models:.2f}" + (
+                f", recovered {ok}" if label == "planted" else ""
+            )
+        print(f"rebasin peer, {label}: modeconn {runs['modeconn']}; rebasin {runs['rebasin']}")
 
 
 def _bench_activation(label: str, a: torch.nn.Module, b: torch.nn.Module, x: torch.Tensor) -> None:
@@ -270,6 +342,7 @@ def main() -> None:
         _bench_gpt2(n_layer=4, d=256, vocab=8000, n_pos=256)
     else:
         _bench_gpt2()
+        _bench_rebasin()
     a, b = _pair("mlp", (40,), width=512, depth=3)
     _bench_weight("MLP 3x512", a, b, torch.randn(2, 40))
     ra, rb = _pair("resnet", (1, 8, 8), width=4)

@@ -455,9 +455,8 @@ def test_half_precision_states_stay_in_their_dtype(dtype):
     assert found.info["objective"] == pytest.approx(direct_objective(spec, a, b, found), rel=1e-9)
 
 
-def test_chunked_cost_equals_whole_tensor_cost(monkeypatch):
-    """Tensors are read in chunks of CHUNK elements: any chunking gives the same C_g."""
-    from modeconn._src.align import wm_problem
+def test_chunked_cost_equals_whole_tensor_cost():
+    """Tensors are read in chunks of ``Problem.chunk`` elements: any chunking gives the same C_g."""
     from modeconn._src.align.weight import Problem
 
     spec = fused_spec()
@@ -466,8 +465,8 @@ def test_chunked_cost_equals_whole_tensor_cost(monkeypatch):
     whole = Problem(spec, a, b, torch.device("cpu"), torch.float64)
     ref = {g: whole.cost(g, perm) for g in spec.groups}
     ref_j = whole.objective(perm)
-    monkeypatch.setattr(wm_problem, "CHUNK", 5)
     chunked = Problem(spec, a, b, torch.device("cpu"), torch.float64)
+    chunked.chunk = 5
     for g in spec.groups:
         assert torch.allclose(chunked.cost(g, perm), ref[g], rtol=1e-12, atol=1e-12)
     assert chunked.objective(perm) == pytest.approx(ref_j, rel=1e-12)

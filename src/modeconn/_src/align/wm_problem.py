@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ..spec import PermutationSpec, Slot, unit_classes
 
-CHUNK = 1 << 22  # elements of one tensor gathered and converted at a time
+CHUNK = 1 << 22  # elements of one tensor gathered and converted at a time (at most)
 
 
 def block_mask(spec: PermutationSpec, group: str) -> Tensor | None:
@@ -73,6 +73,9 @@ class Problem:
         self.spec, self.device, self.dtype = spec, device, dtype
         self.a = {p: state_a[p] for p in spec.params()}  # references, never copies
         self.b = {p: state_b[p] for p in spec.params()}
+        # a chunk is a small share of a small model: the extra memory stays a fraction of it
+        total = sum(t.numel() for t in self.a.values())
+        self.chunk = max(1 << 12, min(CHUNK, total // 32))
         self.on_axis: dict[tuple[str, int], list[tuple[str, Slot]]] = {}
         for g, slots in spec.slots.items():
             for s in slots:
@@ -167,8 +170,8 @@ class Problem:
         known = [ax for ax in range(a.dim()) if ax != axis and ax not in unk]
         chunk_ax = max(known, key=lambda ax: a.shape[ax], default=None)
         step = a.shape[chunk_ax] if chunk_ax is not None else 1
-        if chunk_ax is not None and a.numel() > CHUNK:
-            step = max(1, CHUNK * a.shape[chunk_ax] // a.numel())
+        if chunk_ax is not None and a.numel() > self.chunk:
+            step = max(1, self.chunk * a.shape[chunk_ax] // a.numel())
         starts = range(0, a.shape[chunk_ax], step) if chunk_ax is not None else [0]
         for i in starts:
             ac, bc = a, b

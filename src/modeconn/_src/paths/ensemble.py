@@ -32,6 +32,8 @@ from ..evaluation import (
 )
 from ..progress import progress_bar
 from ..state import check_compatible
+from .base import Path
+from .evaluate import path_point
 
 State = dict[str, Tensor]
 
@@ -173,7 +175,12 @@ def curve_ensemble(
         grid = [float(t) for t in ts]
         if not grid or any(not 0.0 <= t <= 1.0 for t in grid):
             raise ConfigError("ts must be a non-empty list of values in [0, 1]")
-    states = (path.state(t) for t in grid)  # built one at a time, as the ensemble runs
+    # built one at a time as the ensemble runs (endpoints as they are)
+    states = (
+        (path_point(path, t)[0] for t in grid)
+        if isinstance(path, Path)
+        else (path.state(t) for t in grid)
+    )
     res = evaluate_ensemble(
         model, states, data, bn_data=bn_data, device=device, batch_size=batch_size
     )

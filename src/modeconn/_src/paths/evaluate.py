@@ -236,6 +236,16 @@ def _ts(ts: int | Sequence[float] | Tensor) -> Tensor:
     return torch.sort(out).values
 
 
+def path_point(path: Path, t: float) -> tuple[Mapping[str, Tensor], bool]:
+    """``(θ(t), is_endpoint)``: an endpoint whose coefficient is a lone 1 is returned as it is
+    (``path.state`` would copy it bit for bit, ``state.combine``), anything else is built."""
+    if t in (0.0, 1.0):
+        c = path.coefficients(t)
+        if int((c != 0).sum()) == 1 and bool(c[-int(t)] == 1.0):
+            return path._points[-int(t)], True
+    return path.state(t), False
+
+
 def _segment_lengths(path: Path, ts: Tensor, names: Sequence[str]) -> Tensor:
     """``‖θ(t_i) − θ(t_{i−1})‖`` for consecutive ts (0 first), from the points' Gram matrix.
 
@@ -341,11 +351,7 @@ def evaluate_path(
     endpoint_error: float | None = None
     with progress_bar(progress, total=len(t_grid), description="evaluating path") as advance:
         for t in t_grid.tolist():
-            c = path.coefficients(t)
-            # a lone coefficient 1 on an endpoint is that endpoint bit for bit (state.combine):
-            # evaluated as it is, not copied
-            exact = t in endpoints and int((c != 0).sum()) == 1 and bool(c[-int(t)] == 1.0)
-            st = endpoints[t] if exact else path.state(t)
+            st, exact = path_point(path, t)
             net_t, state_t = run.network(st)
             for name, batches in cached.items():
                 m = evaluate(net_t, batches, state=state_t, device=dev)
