@@ -214,48 +214,101 @@ def _floor_round(prob: Problem) -> float:
     return total
 
 
-def _bench_gpt2(n_layer: int = 12, d: int = 768, vocab: int = 50257, n_pos: int = 1024) -> None:
+def _gpt2_case(
+    shape: tuple[int, int, int, int], case: str, who: str = "modeconn", groups: str = "all"
+) -> dict[str, object]:
+    """One measured weight matching on a GPT-2-shaped pair (run in a fresh process).
+
+    ``case``: ``independent`` (two random states; at most 2 rounds), ``planted`` (B a random
+    permutation of A) or ``planted-bf16``. ``who``: ``modeconn`` or ``rebasin``. ``groups``:
+    ``all`` or ``stream+mlp`` (what the peer's spec format can state).
+    """
+    import contextlib
+    import io
+
+    n_layer, d, vocab, n_pos = shape
+    full = gpt2_spec(n_layer, d, d // 64)
+    keep = [g for g in full.groups if groups == "all" or g == "stream" or g.endswith(".mlp")]
+    spec = PermutationSpec(
+        {g: full.groups[g] for g in keep},
+        {g: full.slots[g] for g in keep},
+        heads={g: h for g, h in full.heads.items() if g in keep},
+    )
+    dtype = torch.bfloat16 if case.endswith("bf16") else torch.float32
+    sa = gpt2_state(n_layer, d, vocab, n_pos, seed=0, dtype=dtype)
+    planted = random_permutation(spec, seed=0)
+    if case == "independent":
+        sb = gpt2_state(n_layer, d, vocab, n_pos, seed=1, dtype=dtype)
+    else:
+        sb = apply_permutation(spec, planted, sa)
+    with RssAnonPeak() as mem, contextlib.redirect_stdout(io.StringIO()):
+        t0 = time.process_time()
+        if who == "modeconn":
+            found = mc.weight_matching(spec, sa, sb, max_iter=2 if case == "independent" else 100)
+            rounds = int(found.info["rounds"]) + 1  # + the matched start (every group once)
+            perm = {g: found[g] for g in keep}
+        else:
+            peer = _rebasin_peer()
+            axes: dict[str, list[str | None]] = {}
+            for g in keep:
+                for sl in spec.slots[g]:
+                    axes.setdefault(sl.param, [None] * sa[sl.param].dim())[sl.axis] = g
+            peer_spec = peer.permutation_spec_from_axes_to_perm(  # type: ignore[attr-defined]
+                {k: tuple(v) for k, v in axes.items()}
+            )
+            raw = peer.weight_matching(peer_spec, sa, sb)  # type: ignore[attr-defined]
+            perm = {g: torch.as_tensor(p).long() for g, p in raw.items()}
+            rounds = 0
+        dt = time.process_time() - t0
+    two = 2 * sum(t.numel() * t.element_size() for t in sa.values())
+    return {
+        "seconds": dt,
+        "rounds": rounds,
+        "memory": mem.extra / two,
+        "recovered": all(torch.equal(perm[g], torch.argsort(planted[g])) for g in keep),
+        "objective": mc.weight_objective(spec, sa, sb, perm),
+        "params": sum(t.numel() for t in sa.values()),
+        "groups": len(keep),
+    }
+
+
+def _isolated(*args: object) -> dict[str, object]:
+    """:func:`_gpt2_case` in a fresh process: its memory baseline is not what an earlier run
+    left in the allocator's free lists."""
+    import multiprocessing as mp
+
+    with mp.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_threads_then, (torch.get_num_threads(), *args))
+
+
+def _threads_then(threads: int, *args: object) -> dict[str, object]:
+    torch.set_num_threads(threads)  # as many as the parent, where the floor is measured
+    return _gpt2_case(*args)  # type: ignore[arg-type]
+
+
+def _bench_gpt2(shape: tuple[int, int, int, int] = (12, 768, 50257, 1024)) -> None:
     """GPT-2-small-shaped pair (124M parameters, the full symmetry with the residual stream)."""
+    n_layer, d, vocab, n_pos = shape
     spec = gpt2_spec(n_layer, d, d // 64)
     sa = gpt2_state(n_layer, d, vocab, n_pos, seed=0)
     sb = gpt2_state(n_layer, d, vocab, n_pos, seed=1)
-    n = sum(t.numel() for t in sa.values())
-    two_models = 2 * sum(t.numel() * t.element_size() for t in sa.values())
     floor = _floor_round(Problem(spec, sa, sb, torch.device("cpu"), torch.float64))
-    with RssAnonPeak() as mem:
-        t0 = time.process_time()
-        perm = mc.weight_matching(spec, sa, sb, max_iter=2)
-        dt = time.process_time() - t0
-    rounds = perm.info["rounds"] + 1  # + the matched start, which solves every group once
+    del sa, sb
+    r = _isolated(shape, "independent")
     print(
-        f"weight matching GPT-2-small shape ({n / 1e6:.0f}M params, {len(spec.groups)} groups), "
-        f"independent pair: {dt:.1f} s (CPU) for the matched start + {perm.info['rounds']} rounds; "
-        f"per-round time / floor {dt / rounds / floor:.2f} (floor {floor:.1f} s/round: cost "
-        f"matmuls + one assignment per group); peak extra memory / the two models "
-        f"{mem.extra / two_models:.2f} ({mem.extra / 2**20:.0f} MiB above "
-        f"{two_models / 2**20:.0f} MiB)"
+        f"weight matching GPT-2-small shape ({r['params'] / 1e6:.0f}M params, {r['groups']} "
+        f"groups), independent pair: {r['seconds']:.1f} s (CPU) for the matched start + "
+        f"{r['rounds'] - 1} rounds; per-round time / floor "
+        f"{r['seconds'] / r['rounds'] / floor:.2f} (floor {floor:.1f} s/round: cost matmuls + "
+        f"one assignment per group); peak extra memory / the two models {r['memory']:.2f}"
     )
-    planted = random_permutation(spec, seed=0)
-    sb = apply_permutation(spec, planted, sa)
-    with RssAnonPeak() as mem:
-        t0 = time.process_time()
-        perm = mc.weight_matching(spec, sa, sb)
-        dt = time.process_time() - t0
-    ok = all(torch.equal(perm[g], torch.argsort(planted[g])) for g in spec.groups)
-    print(
-        f"weight matching GPT-2-small shape, planted permutation: recovered {ok} in {dt:.1f} s "
-        f"(CPU; {perm.info['rounds']} round after the matched start); peak extra memory / the two "
-        f"models {mem.extra / two_models:.2f}"
-    )
-    half_a = {k: v.to(torch.bfloat16) for k, v in sa.items()}
-    half_b = {k: v.to(torch.bfloat16) for k, v in sb.items()}
-    with RssAnonPeak() as mem:
-        perm = mc.weight_matching(spec, half_a, half_b)
-    ok = all(torch.equal(perm[g], torch.argsort(planted[g])) for g in spec.groups)
-    print(
-        f"  same in bf16: recovered {ok}; peak extra memory / the two bf16 models "
-        f"{mem.extra / (two_models / 2):.2f}"
-    )
+    for case in ("planted", "planted-bf16"):
+        r = _isolated(shape, case)
+        print(
+            f"weight matching GPT-2-small shape, {case}: recovered {r['recovered']} in "
+            f"{r['seconds']:.1f} s (CPU; {r['rounds'] - 1} round after the matched start); "
+            f"peak extra memory / the two models {r['memory']:.2f}"
+        )
 
 
 def _rebasin_peer() -> object | None:
@@ -276,52 +329,28 @@ def _rebasin_peer() -> object | None:
     return mod
 
 
-def _bench_rebasin(n_layer: int = 12, d: int = 768, vocab: int = 50257, n_pos: int = 1024) -> None:
-    """Ours vs the PyTorch port of rebasin on the GPT-2-small-shaped pair, on the part of the
-    symmetry its spec format can state (the residual stream and the MLP groups: it has no
-    offsets, so no fused q/k/v, and no heads)."""
-    peer = _rebasin_peer()
-    if peer is None:
+def _bench_rebasin(shape: tuple[int, int, int, int] = (12, 768, 50257, 1024)) -> None:
+    """Ours vs the PyTorch port of rebasin on the same GPT-2-small-shaped pair, on the part of
+    the symmetry its spec format can state (the residual stream and the MLP groups: it has no
+    offsets, so no fused q/k/v, and no heads); each run in a fresh process."""
+    if _rebasin_peer() is None:
         print(
             "rebasin peer: not run (set MODECONN_REBASIN_PYTORCH to a checkout of "
             "github.com/themrzmaster/git-re-basin-pytorch; the authors' JAX code is not run here)"
         )
         return
-    import contextlib
-    import io
-
-    full = gpt2_spec(n_layer, d, d // 64)
-    keep = [g for g in full.groups if g == "stream" or g.endswith(".mlp")]
-    spec = PermutationSpec({g: full.groups[g] for g in keep}, {g: full.slots[g] for g in keep})
-    sa = gpt2_state(n_layer, d, vocab, n_pos, seed=0)
-    axes: dict[str, list[str | None]] = {}
-    for g in keep:
-        for sl in spec.slots[g]:
-            axes.setdefault(sl.param, [None] * sa[sl.param].dim())[sl.axis] = g
-    peer_spec = peer.permutation_spec_from_axes_to_perm({k: tuple(v) for k, v in axes.items()})  # type: ignore[attr-defined]
-    two_models = 2 * sum(t.numel() * t.element_size() for t in sa.values())
-    for label, sb in (
-        ("independent pair", gpt2_state(n_layer, d, vocab, n_pos, seed=1)),
-        ("planted", None),
-    ):
-        planted = random_permutation(spec, seed=0)
-        sb = sb if sb is not None else apply_permutation(spec, planted, sa)
+    for case in ("independent", "planted"):
         runs = {}
         for who in ("modeconn", "rebasin"):
-            with RssAnonPeak() as mem, contextlib.redirect_stdout(io.StringIO()):
-                t0 = time.process_time()
-                if who == "modeconn":
-                    perm = dict(mc.weight_matching(spec, sa, sb))
-                else:
-                    perm = peer.weight_matching(peer_spec, sa, sb)  # type: ignore[attr-defined]
-                dt = time.process_time() - t0
-            perm = {g: torch.as_tensor(p).long() for g, p in perm.items()}
-            ok = all(torch.equal(perm[g], torch.argsort(planted[g])) for g in keep)
-            obj = mc.weight_objective(spec, sa, sb, perm)
-            runs[who] = f"{dt:.0f} s, J {obj:.1f}, memory {mem.extra / two_models:.2f}" + (
-                f", recovered {ok}" if label == "planted" else ""
+            r = _isolated(shape, case, who, "stream+mlp")
+            runs[who] = (
+                f"{r['seconds']:.0f} s, J {r['objective']:.1f}, memory {r['memory']:.2f}"
+                + (f", recovered {r['recovered']}" if case == "planted" else "")
             )
-        print(f"rebasin peer, {label}: modeconn {runs['modeconn']}; rebasin {runs['rebasin']}")
+        print(
+            f"rebasin peer (stream + MLP groups), {case}: modeconn {runs['modeconn']}; "
+            f"rebasin {runs['rebasin']}"
+        )
 
 
 def _bench_activation(label: str, a: torch.nn.Module, b: torch.nn.Module, x: torch.Tensor) -> None:
@@ -338,11 +367,11 @@ def _bench_activation(label: str, a: torch.nn.Module, b: torch.nn.Module, x: tor
 
 def main() -> None:
     print(f"torch threads: {torch.get_num_threads()}")
-    if os.environ.get("MODECONN_BENCH_SMALL"):  # a quick run at a fraction of the size
-        _bench_gpt2(n_layer=4, d=256, vocab=8000, n_pos=256)
-    else:
-        _bench_gpt2()
-        _bench_rebasin()
+    shape = (
+        (4, 256, 8000, 256) if os.environ.get("MODECONN_BENCH_SMALL") else (12, 768, 50257, 1024)
+    )
+    _bench_gpt2(shape)
+    _bench_rebasin(shape)
     a, b = _pair("mlp", (40,), width=512, depth=3)
     _bench_weight("MLP 3x512", a, b, torch.randn(2, 40))
     ra, rb = _pair("resnet", (1, 8, 8), width=4)

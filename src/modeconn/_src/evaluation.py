@@ -262,10 +262,10 @@ def evaluate(
 
 
 class StateRunner:
-    """Runs one architecture at many states: the model copied to ``device`` once, each state
-    evaluated through ``torch.func.functional_call`` (no copy of the network per state); for a
-    network with BatchNorm and ``bn_data``, each state is loaded into one working copy and its
-    statistics recomputed (``mc.reset_bn``) first.
+    """Runs one architecture at many states: each state evaluated through
+    ``torch.func.functional_call`` on the model (copied only to reach ``device``; never modified),
+    no copy of the network per state; for a network with BatchNorm and ``bn_data``, each state is
+    loaded into one working copy and its statistics recomputed (``mc.reset_bn``) first.
 
     Args:
         model: the architecture (not modified).
@@ -291,8 +291,11 @@ class StateRunner:
         from .norm import needs_bn_reset
 
         self.device = resolve_device(device) if device is not None else model_device(model)
-        self.net = copy.deepcopy(model).to(self.device).eval()
         self.bn = bn_data is not None and needs_bn_reset(model)
+        # functional_call leaves the network as it is (evaluate restores its mode): copied only
+        # to move it, or to load each state for its BatchNorm statistics
+        same = model_device(model) == self.device
+        self.net = model if same and not self.bn else copy.deepcopy(model).to(self.device)
         self.bn_data = cache_batches(bn_data, self.device, batch_size) if self.bn else None
         self.batch_size = batch_size
 

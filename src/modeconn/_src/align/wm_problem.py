@@ -73,9 +73,9 @@ class Problem:
         self.spec, self.device, self.dtype = spec, device, dtype
         self.a = {p: state_a[p] for p in spec.params()}  # references, never copies
         self.b = {p: state_b[p] for p in spec.params()}
-        # a chunk is a small share of a small model: the extra memory stays a fraction of it
-        total = sum(t.numel() for t in self.a.values())
-        self.chunk = max(1 << 12, min(CHUNK, total // 32))
+        # chunks of a fixed size: in float64 they are large enough for the allocator to map them
+        # afresh and give them back (freed heap pieces of varying sizes would stay resident)
+        self.chunk = CHUNK
         self.on_axis: dict[tuple[str, int], list[tuple[str, Slot]]] = {}
         for g, slots in spec.slots.items():
             for s in slots:
