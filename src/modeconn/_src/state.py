@@ -52,7 +52,9 @@ def check_compatible(
 def check_finite(state: Mapping[str, Tensor], name: str = "state") -> None:
     """Raise :class:`IncompatibleModelsError` if a floating tensor holds NaN or inf."""
     for k, t in state.items():
-        if t.is_floating_point() and not torch.isfinite(t).all():
+        # a finite sum means finite entries (NaN and inf propagate): no tensor-sized temporary
+        # unless the sum overflows or is not finite, then the exact test
+        if t.is_floating_point() and not torch.isfinite(t.sum()) and not torch.isfinite(t).all():
             raise IncompatibleModelsError(f"{name} has NaN or inf in {k!r}; refusing to use it")
 
 
@@ -114,4 +116,44 @@ def lerp(state_a: Mapping[str, Tensor], state_b: Mapping[str, Tensor], t: float)
     for k, v in near.items():
         if not v.is_floating_point():
             out[k] = v.clone()
+    return out
+
+
+def gram(
+    states: Sequence[Mapping[str, Tensor]],
+    names: Sequence[str],
+    origin: Mapping[str, Tensor] | None = None,
+    *,
+    piece: int = 1 << 17,
+) -> Tensor:
+    """``G_ij = ⟨s_i − o, s_j − o⟩`` over the tensors ``names`` (float64, ``o``: ``origin`` or 0).
+
+    Read in cache-sized pieces converted to float64, so no flattened copy of a state is made:
+    distances and angles between states (path segment lengths, the plane through three models)
+    cost one pass over them.
+
+    Args:
+        states: state dicts of one architecture.
+        names: the tensors that count (e.g. the model's parameters).
+        origin: subtracted from every state first (``None``: nothing).
+        piece: elements per piece.
+
+    Returns:
+        ``(len(states), len(states))`` float64 matrix on the CPU.
+
+    Example:
+        >>> a, b = {"w": torch.tensor([3.0, 4.0])}, {"w": torch.tensor([1.0, 0.0])}
+        >>> gram([a, b], ["w"]).tolist()
+        [[25.0, 3.0], [3.0, 1.0]]
+    """
+    k = len(states)
+    out = torch.zeros(k, k, dtype=torch.float64)
+    for n in names:
+        flat = [s[n].detach().reshape(-1) for s in states]
+        base = None if origin is None else origin[n].detach().reshape(-1)
+        for i in range(0, flat[0].numel(), piece):
+            d = torch.stack([f[i : i + piece].double() for f in flat])
+            if base is not None:
+                d = d - base[i : i + piece].to(d.device, torch.float64)
+            out += (d @ d.T).cpu()
     return out

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ..spec import PermutationSpec, Slot, unit_classes
 
-CHUNK = 1 << 22  # elements of one tensor gathered and converted at a time (at most)
+CHUNK = 1 << 21  # elements of one tensor gathered and converted at a time (at most)
 
 
 def block_mask(spec: PermutationSpec, group: str) -> Tensor | None:
@@ -54,6 +54,11 @@ class Term:
     numel: int
 
 
+def _dense(x: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """``x`` on ``device`` in ``dtype``, contiguous in its current axis order (one copy)."""
+    return x.to(device, dtype, memory_format=torch.contiguous_format)
+
+
 class Problem:
     """Precomputed structure of ``J(pi) = sum_params <W_A, pi(W_B)>`` for one pair of states.
 
@@ -73,9 +78,9 @@ class Problem:
         self.spec, self.device, self.dtype = spec, device, dtype
         self.a = {p: state_a[p] for p in spec.params()}  # references, never copies
         self.b = {p: state_b[p] for p in spec.params()}
-        # chunks of a fixed size: in float64 they are large enough for the allocator to map them
-        # afresh and give them back (freed heap pieces of varying sizes would stay resident)
-        self.chunk = CHUNK
+        self.chunk = (
+            CHUNK  # ~20 bytes of transient memory per element: B gathered, A and B converted
+        )
         self.on_axis: dict[tuple[str, int], list[tuple[str, Slot]]] = {}
         for g, slots in spec.slots.items():
             for s in slots:
@@ -189,17 +194,16 @@ class Problem:
                     bc = bc.index_select(ax, self.index((param, ax), perm))
             if pos is not None:
                 ac, bc = ac.index_select(axis, pos), bc.index_select(axis, pos)
-            ac = ac.to(self.device, self.dtype)
-            bc = bc.to(self.device, self.dtype)
-            if own:
-                yield ac.reshape(1, -1), bc.reshape(1, -1)
-                continue
-            order, rows = [axis, *known, *unk], ac.shape[axis]
-            ac, bc = ac.permute(order), bc.permute(order)
+            order = list(range(ac.dim())) if own else [axis, *known, *unk]
+            rows = 1 if own else ac.shape[axis]
+            # one copy each: reordered, contiguous and in the compute dtype at once
+            ac = _dense(ac.permute(order), self.device, self.dtype)
+            bc = _dense(bc.permute(order), self.device, self.dtype)
             if unk:  # rows x known x (unknown axes flattened), each run sorted
                 ac = ac.reshape(rows, -1, math.prod(ac.shape[-len(unk) :])).sort(-1).values
                 bc = bc.reshape(rows, -1, math.prod(bc.shape[-len(unk) :])).sort(-1).values
             yield ac.reshape(rows, -1), bc.reshape(rows, -1)
+            del ac, bc
 
     # -- objective -------------------------------------------------------------------------
     def cost(self, g: str, perm: Mapping[str, Tensor], unknown: Collection[str] = ()) -> Tensor:

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError, IncompatibleModelsError
 from ..evaluation import DataLike
-from ..state import check_compatible, combine
+from ..state import check_compatible, combine, gram
 from .common import _flat, _grid_axis, _param_names, _progress, _runner
 
 State = dict[str, Tensor]
@@ -47,21 +47,34 @@ class PlaneBasis:
         check_compatible(list(states), ["model 0", "model 1", "model 2"])
         self.states = [dict(s) for s in states]
         self.names = list(names)
-        self.origin = _flat(states[0], self.names)
-        u = _flat(states[1], self.names) - self.origin
-        w = _flat(states[2], self.names) - self.origin
-        self.dx = float(u.norm())
-        if self.dx <= 1e-9 * max(1.0, float(self.origin.norm())):
+        # inner products only (one pass, no flattened copy): <u,u>, <u,w>, <w,w>, u = θ1 − θ0
+        g = gram(self.states[1:], self.names, self.states[0])
+        self.dx = float(g[0, 0]) ** 0.5
+        norm0 = float(gram(self.states[:1], self.names)[0, 0]) ** 0.5
+        if self.dx <= 1e-9 * max(1.0, norm0):
             raise IncompatibleModelsError("models 0 and 1 are identical: they do not span a plane")
-        self.e1 = u / self.dx
-        self.b = float(w @ self.e1)
-        v = w - self.b * self.e1
-        self.dy = float(v.norm())
-        if self.dy <= 1e-6 * float(w.norm()):
+        self.b = float(g[0, 1]) / self.dx
+        self.dy = max(float(g[1, 1]) - self.b**2, 0.0) ** 0.5
+        if self.dy <= 1e-6 * float(g[1, 1]) ** 0.5:
             raise IncompatibleModelsError(
                 "the three models are collinear: they do not span a plane (pick a different third)"
             )
-        self.e2 = v / self.dy
+
+    @property
+    def origin(self) -> Tensor:
+        """θ0 flattened (float64; built on demand)."""
+        return _flat(self.states[0], self.names)
+
+    @property
+    def e1(self) -> Tensor:
+        """``(θ1 − θ0)/dx`` flattened (float64; built on demand)."""
+        return (_flat(self.states[1], self.names) - self.origin) / self.dx
+
+    @property
+    def e2(self) -> Tensor:
+        """``((θ2 − θ0) − b·e1)/dy`` flattened (float64; built on demand)."""
+        w = _flat(self.states[2], self.names) - self.origin
+        return (w - self.b * self.e1) / self.dy
 
     @property
     def points(self) -> Tensor:
@@ -83,10 +96,11 @@ class PlaneBasis:
 
     def coordinates(self, state: Mapping[str, Tensor]) -> tuple[float, float, float]:
         """``(x, y, distance)``: the projection of ``state`` into the plane, its distance to it."""
-        d = _flat(state, self.names) - self.origin
-        x, y = float(d @ self.e1), float(d @ self.e2)
-        off = d - x * self.e1 - y * self.e2
-        return x, y, float(off.norm())
+        g = gram([self.states[1], self.states[2], dict(state)], self.names, self.states[0])
+        x = float(g[2, 0]) / self.dx
+        y = (float(g[2, 1]) - self.b * x) / self.dy
+        foot = self.state(x, y)  # the projection; the distance measured to it, not cancelled
+        return x, y, float(gram([dict(state)], self.names, foot)[0, 0]) ** 0.5
 
 
 @dataclass

@@ -21,10 +21,10 @@ from ..evaluation import (
 )
 from ..norm import needs_bn_reset
 from ..progress import progress_bar
+from ..state import gram
 from .base import Path
 
 ENDPOINT_TOL = 1e-4
-_GRAM_CHUNK = 1 << 17  # elements per piece of the points' Gram matrix
 _METRICS = ("loss", "error", "accuracy", "robust_loss", "robust_error", "robust_accuracy")
 
 
@@ -253,19 +253,10 @@ def _segment_lengths(path: Path, ts: Tensor, names: Sequence[str]) -> Tensor:
     ``d = c(t) − c(t')`` and its squared length ``dᵀ G d``, ``G_ij = ⟨θ_i − θ_0, θ_j − θ_0⟩``
     (float64, computed once): no state is built for it.
     """
-    pts = path._points
-    k = len(pts) - 1
-    gram = torch.zeros(k, k, dtype=torch.float64)
-    for n in names:
-        flat = [p[n].detach().reshape(-1) for p in pts]
-        cd = torch.float64 if flat[0].dtype == torch.float64 else torch.float32
-        for i in range(0, flat[0].numel(), _GRAM_CHUNK):  # cache-sized pieces, float64 sums
-            piece = [f[i : i + _GRAM_CHUNK].to(cd) for f in flat]
-            d = torch.stack(piece[1:]) - piece[0]
-            gram += (d @ d.T).double().cpu()
+    gram_ = gram(path._points[1:], names, path._points[0])
     coefs = torch.stack([path.coefficients(float(t)) for t in ts.tolist()])
     step = (coefs[1:] - coefs[:-1])[:, 1:]
-    sq = torch.einsum("si,ij,sj->s", step, gram, step).clamp_min(0.0)
+    sq = torch.einsum("si,ij,sj->s", step, gram_, step).clamp_min(0.0)
     return torch.cat([torch.zeros(1, dtype=torch.float64), sq.sqrt()])
 
 
