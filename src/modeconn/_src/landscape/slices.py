@@ -92,7 +92,7 @@ class SliceResult:
 def _shift(
     state: Mapping[str, Tensor], dirs: Sequence[Mapping[str, Tensor]], coefs: Sequence[float]
 ) -> State:
-    """``θ + Σ c_i d_i`` on the directions' tensors (:func:`~modeconn.combine`); others kept."""
+    """``θ + Σ c_i d_i`` on the directions' tensors (``state.combine``); others kept."""
     moved = {k: state[k] for k in dirs[0]}
     return {**state, **combine([moved, *dirs], [1.0, *coefs])}
 
