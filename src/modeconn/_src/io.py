@@ -240,6 +240,7 @@ class Checkpoint:
         """
         from ..models import resolve
         from .errors import CheckpointError
+        from .validate import check_build_fits
 
         recorded = self.meta.get("model") if isinstance(self.meta.get("model"), Mapping) else None
         name = model or (recorded or {}).get("name")
@@ -260,6 +261,8 @@ class Checkpoint:
         if recorded and recorded.get("name") == name:
             kwargs.update(recorded.get("kwargs") or {})
         kwargs.update(override)
+        # shapes first, on the meta device: metadata asking for an absurd size is refused here
+        check_build_fits(lambda: resolve(name, **kwargs), self.state, where=self.path, name=name)
         net = resolve(name, **kwargs)
         load_state_into(net, self.state, where=self.path)
         net.eval()
@@ -278,27 +281,10 @@ def load_state_into(model: Any, state: Mapping[str, Any], *, where: str = "check
     Example:
         >>> load_state_into(nn.Linear(2, 1), nn.Linear(2, 1).state_dict())  # doctest: +SKIP
     """
-    from .errors import CheckpointError
+    from .validate import state_shapes_fit
 
-    own = model.state_dict()
     name = getattr(model, "modeconn_config", {}).get("name", type(model).__name__)
-    for k, v in own.items():
-        if k not in state:
-            raise CheckpointError(
-                f"checkpoint {where!r} does not fit model {name!r}: it has no tensor {k!r} "
-                "(check --model and its options)"
-            )
-        if tuple(state[k].shape) != tuple(v.shape):
-            raise CheckpointError(
-                f"checkpoint {where!r} does not fit model {name!r}: tensor {k!r} has shape "
-                f"{tuple(state[k].shape)} in the checkpoint but {tuple(v.shape)} in the model"
-            )
-    extra = [k for k in state if k not in own]
-    if extra:
-        raise CheckpointError(
-            f"checkpoint {where!r} does not fit model {name!r}: unexpected tensor {extra[0]!r} "
-            f"({len(extra)} extra; check --model and its options)"
-        )
+    state_shapes_fit(model.state_dict(), state, where=where, name=name)
     model.load_state_dict(dict(state), strict=True)
 
 
@@ -379,15 +365,18 @@ def _load_torch(p: Path) -> Checkpoint:
     return Checkpoint({str(k): v for k, v in obj.items()}, meta, str(p))
 
 
-def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
+def load_checkpoint(path: str | os.PathLike[str], *, finite: bool = True) -> Checkpoint:
     """Read a checkpoint safely: safetensors, or .pt/.pth via ``torch.load(weights_only=True)``.
 
     A pickle that needs arbitrary Python objects (and so could run code) is refused, never
-    executed. Missing, corrupt or truncated files raise :class:`CheckpointError`.
+    executed. Missing, corrupt or truncated files raise :class:`CheckpointError`, and so do
+    weights holding NaN or inf (modeconn refuses non-finite inputs) unless ``finite=False``.
 
     Args:
         path: a ``.safetensors`` file (modeconn's format) or a ``.pt``/``.pth``/``.bin``/
             ``.ckpt`` file holding a state dict (optionally under ``"state_dict"``).
+        finite: refuse NaN/inf in a floating tensor (default; ``False`` to inspect a diverged
+            run).
 
     Returns:
         :class:`Checkpoint` with ``.state``, ``.meta`` and ``.build()``.
@@ -399,6 +388,7 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         (0, 'MLP')
     """
     from .errors import CheckpointError
+    from .validate import check_finite_state
 
     p = Path(path)
     if not p.is_file():
@@ -406,6 +396,15 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
             f"checkpoint {str(p)!r} does not exist"
             + ("" if not p.is_dir() else " (it is a folder)")
         )
+    ck = _read_checkpoint(p)
+    if finite:
+        check_finite_state(ck.state, ck.path)
+    return ck
+
+
+def _read_checkpoint(p: Path) -> Checkpoint:
+    from .errors import CheckpointError
+
     if p.suffix.lower() in _TORCH_SUFFIXES:
         return _load_torch(p)
     try:

@@ -8,18 +8,21 @@ from typing import Annotated, Any
 import typer
 
 from .common import (
+    CHECKPOINT_SUFFIXES,
     DataOpt,
     DeviceOpt,
     JsonOpt,
+    MkdirOpt,
     ModelArgsOpt,
     ModelOpt,
     ProgressOpt,
     SeedOpt,
-    check_out_path,
+    check_outputs,
     console,
     load_data_arg,
     load_model_arg,
     print_table,
+    read_text_arg,
     write_json,
 )
 
@@ -80,6 +83,7 @@ def command(
     seed: SeedOpt = 0,
     device: DeviceOpt = None,
     json_path: JsonOpt = None,
+    mkdir: MkdirOpt = False,
     progress: ProgressOpt = True,
 ) -> None:
     """Align checkpoint B to checkpoint A (B's function is unchanged) and save the result.
@@ -88,12 +92,14 @@ def command(
     alignment (BatchNorm statistics are recomputed at every point).
     """
     import modeconn as mc
-    from modeconn._src.align.api import get_aligner
-    from modeconn._src.errors import ConfigError
+    from modeconn import ConfigError, get_aligner
 
-    out = check_out_path(out, suffixes=(".safetensors", ".pt", ".pth"))
-    if json_path is not None:
-        check_out_path(json_path)
+    check_outputs(
+        {"--out": out, "--json": json_path},
+        inputs=[model_a, model_b, spec_path, data],
+        mkdir=mkdir,
+        suffixes={"--out": CHECKPOINT_SUFFIXES},
+    )
     if points < 2:
         raise ConfigError(f"--points must be >= 2, got {points}")
     if restarts < 1:
@@ -101,12 +107,7 @@ def command(
     get_aligner(method)  # unknown method: one clear line before any work
     spec = None
     if spec_path is not None:
-        from modeconn._src.errors import SpecError
-
-        try:
-            spec = mc.PermutationSpec.from_json(spec_path.read_text())
-        except OSError as e:
-            raise SpecError(f"cannot read the spec {str(spec_path)!r}: {e}") from e
+        spec = mc.PermutationSpec.from_json(read_text_arg(spec_path, "--spec", "JSON"))
     net_a = load_model_arg(model_a, model, model_arg, device=device)
     net_b = load_model_arg(model_b, model, model_arg, device=device)
     needs_data = method != "weight" or barrier

@@ -8,21 +8,21 @@ from typing import Annotated, Any
 import typer
 
 from .common import (
+    CHECKPOINT_SUFFIXES,
     DataOpt,
     DeviceOpt,
     JsonOpt,
+    MkdirOpt,
     ModelArgsOpt,
     ModelOpt,
     ProgressOpt,
-    check_out_path,
+    check_outputs,
     console,
     parse_model_args,
     print_table,
     recorded_data,
     write_json,
 )
-
-_SUFFIXES = (".safetensors", ".pt", ".pth")
 
 
 def _params(items: list[str] | None) -> dict[str, Any]:
@@ -31,7 +31,7 @@ def _params(items: list[str] | None) -> dict[str, Any]:
 
 
 def _weights(text: str | None) -> list[float] | None:
-    from .._src.errors import ConfigError
+    from modeconn import ConfigError
 
     if text is None:
         return None
@@ -44,7 +44,7 @@ def _weights(text: str | None) -> list[float] | None:
 
 
 def _recorded_data(path: Path) -> str | None:
-    from .._src.io import load_checkpoint
+    from modeconn import load_checkpoint
 
     return recorded_data(load_checkpoint(path).meta)
 
@@ -85,6 +85,14 @@ def command(
     config: Annotated[
         Path | None, typer.Option("--config", help="A YAML merge recipe instead of the options.")
     ] = None,
+    allow_code: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow-code",
+            help="Let the --config recipe name this 'package.module:function' (as model: or "
+            "data:), repeatable. A recipe naming code is refused otherwise.",
+        ),
+    ] = None,
     out: Annotated[
         Path | None, typer.Option("--out", "-o", help="Merged checkpoint (.safetensors or .pt).")
     ] = None,
@@ -92,6 +100,7 @@ def command(
     model_arg: ModelArgsOpt = None,
     device: DeviceOpt = None,
     json_path: JsonOpt = None,
+    mkdir: MkdirOpt = False,
     progress: ProgressOpt = True,
 ) -> None:
     """Merge checkpoints into one and print each input's test loss/accuracy next to the merged one.
@@ -102,10 +111,7 @@ def command(
     Example: `modeconn merge a.safetensors b.safetensors --method ties --base pre.safetensors
     --out m.safetensors`
     """
-    from .._src.errors import ConfigError
-    from .._src.merge import MergeRecipe
-    from .._src.merge.base import get_method
-    from .._src.merge.recipe import run_recipe
+    from modeconn import ConfigError, MergeRecipe, merge_methods, run_recipe
 
     if config is not None:
         clashing = [name for name, v in (
@@ -118,7 +124,7 @@ def command(
                 f"--config already describes the merge; drop {', '.join(clashing)} "
                 "(only --out, --data, --device and --json may override it)"
             )
-        recipe = MergeRecipe.from_yaml(config)
+        recipe = MergeRecipe.from_yaml(config, allow_code=allow_code or ())
         updates: dict[str, Any] = {}
         if out is not None:
             updates["out"] = str(out)
@@ -135,11 +141,20 @@ def command(
             raise ConfigError(
                 f"give at least two checkpoints to merge, got only {str(models[0])!r}"
             )
+        if allow_code:
+            raise ConfigError(
+                "--allow-code is for a --config recipe; on the command line, --model and --data "
+                "may name 'package.module:function' directly"
+            )
         if out is None:
             raise ConfigError("give --out merged.safetensors (where to write the merged model)")
-        check_out_path(out, suffixes=_SUFFIXES)
+        check_outputs({"--out": out}, inputs=[*models, base], mkdir=mkdir,
+                      suffixes={"--out": CHECKPOINT_SUFFIXES})
         name = method or "average"
-        get_method(name)  # unknown method: one line listing the methods, before any work
+        if name not in merge_methods():  # one line listing the methods, before any work
+            raise ConfigError(
+                f"unknown merge method {name!r}; choose one of: {', '.join(merge_methods())}"
+            )
         if data is None:
             data = _recorded_data(models[0])
         w = _weights(weights)
@@ -164,9 +179,12 @@ def command(
         }, "options")
     if recipe.out is None:
         raise ConfigError("the recipe has no out: and no --out was given")
-    check_out_path(recipe.out, suffixes=_SUFFIXES)
-    if json_path is not None:
-        check_out_path(json_path)
+    check_outputs(
+        {"--out": recipe.out, "--json": json_path},
+        inputs=[*(e.path for e in recipe.models), recipe.base, config, recipe.data],
+        mkdir=mkdir,
+        suffixes={"--out": CHECKPOINT_SUFFIXES},
+    )
 
     run = run_recipe(recipe, progress=progress)
     if run.rows:
