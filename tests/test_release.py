@@ -151,9 +151,10 @@ def test_nan_weights_are_refused_at_load(run_cli, tmp_path, ck):
     with torch.no_grad():
         next(iter(net.parameters()))[0, 0] = float("nan")
     bad = mc.save_checkpoint(tmp_path / "nan.safetensors", net, meta={"data": "digits"})
-    for args in (["spec", bad], ["interpolate", bad, ck / "a.safetensors", "--no-progress"],
-                 ["align", ck / "a.safetensors", bad, "--out", tmp_path / "x.safetensors"],
-                 ["merge", ck / "a.safetensors", bad, "--out", tmp_path / "m.safetensors"]):  # fmt: skip
+    a = ck / "a.safetensors"
+    for args in (["spec", bad], ["interpolate", bad, a, "--no-progress"],
+                 ["align", a, bad, "--out", tmp_path / "x.safetensors"],
+                 ["merge", a, bad, "--out", tmp_path / "m.safetensors"]):  # fmt: skip
         code, out, err = run_cli(*args)
         assert code == 2, (args, err)
         assert "non-finite weights" in _one_line(err)
@@ -178,8 +179,9 @@ def test_data_that_does_not_fit_a_users_model_is_one_line(run_cli, tmp_path, ck,
                            "--model-arg", "out_features=10", "--data", "digits",
                            "--out", tmp_path / "o.safetensors", "--no-progress")  # fmt: skip
     assert code == 2 and "does not fit the model" in _one_line(err)
+    m = tmp_path / "m.safetensors"
     code, _, err = run_cli("merge", ck / "a.safetensors", ck / "b.safetensors", "--data",
-                           "mnist1d", "--out", tmp_path / "m.safetensors", "--no-progress")  # fmt: skip
+                           "mnist1d", "--out", m, "--no-progress")  # fmt: skip
     assert code == 2 and "does not fit the model" in _one_line(err)
     assert not (tmp_path / "m.safetensors").exists()
 
@@ -226,9 +228,11 @@ def test_spec_file_group_without_slots_is_refused(run_cli, tmp_path, ck):
 def test_ctrl_c_during_start_up_is_one_line(tmp_path):
     env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     code = "import sys, _modeconn_cli; sys.argv = ['modeconn', '--help']; _modeconn_cli.main()"
+    def default_sigint() -> None:  # a shell's background job would start with SIGINT ignored
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
     p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL,
-                         stderr=subprocess.PIPE, text=True, env=env,
-                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
+                         stderr=subprocess.PIPE, text=True, env=env, preexec_fn=default_sigint)
     time.sleep(0.3)  # importing torch takes longer than this
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=60)

@@ -69,6 +69,7 @@ from ._src.merge import MergedState, MergeRecipe, merge, merge_methods
 
 # --- release: validation, safety and what the CLI needs (it imports only this module) -------
 from ._src.errors import NonFiniteError
+from ._src.optional import MissingExtraError, require
 from ._src.evaluation import model_device, resolve_device
 from ._src.io import atomic_write
 from ._src.io import _json_default as json_default
@@ -109,7 +110,8 @@ __all__ = [
     # merging
     "merge", "merge_methods", "MergedState", "MergeRecipe",
     # release: validation, safety, CLI support
-    "NonFiniteError", "model_device", "resolve_device", "atomic_write", "json_default",
+    "NonFiniteError", "MissingExtraError", "require", "model_device", "resolve_device",
+    "atomic_write", "json_default",
     "check_data_fits", "check_finite_state", "is_import_path", "refuse_code", "get_aligner",
     "MergeRun", "run_recipe", "curve_kinds", "PATH_FILENAME", "DemoConfig", "run_demo",
 ]  # fmt: skip

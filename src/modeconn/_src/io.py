@@ -108,6 +108,12 @@ _TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
 
 def _json_default(obj: Any) -> Any:
+    """``json.dumps(..., default=)`` hook: tensors, numpy values, paths, sets, pydantic models.
+
+    Example:
+        >>> json.dumps({"w": torch.ones(2)}, default=_json_default)  # doctest: +SKIP
+        '{"w": [1.0, 1.0]}'
+    """
     import numpy as np
     import torch
 

@@ -223,8 +223,8 @@ def run_recipe(recipe: MergeRecipe, *, progress: bool = False, write: bool = Tru
     """
     from ... import data as data_mod
     from ..evaluation import evaluate
-    from ..validate import check_data_fits
     from ..io import load_checkpoint, save_checkpoint
+    from ..validate import check_data_fits
     from .api import merge
 
     _check_out_not_input(recipe)
