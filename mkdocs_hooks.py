@@ -54,14 +54,19 @@ def _patch_griffe() -> None:
 _patch_griffe()
 
 
-def _links(text: str, depth: int) -> str:
-    """Rewrite README links for a page ``depth`` folders below the site root."""
+def _links(text: str, depth: int, guide: frozenset[str] | set[str] = frozenset()) -> str:
+    """Rewrite README links for a page ``depth`` folders below the site root (``guide``: the
+    slugs of the sections that became guide pages, for ``#section`` links)."""
     up = "../" * depth
 
     def fix(m: re.Match[str]) -> str:
         label, target = m.group(1), m.group(2)
+        if target.startswith("#") and target[1:] in guide:
+            return f"[{label}]({up}guide/{target[1:]}.md)"
         if re.match(r"[a-z]+://|#|mailto:", target):
             return m.group(0)
+        if target == "README.md":
+            return f"[{label}]({up}index.md)"
         if target.startswith("docs/"):
             return f"[{label}]({up}{target[len('docs/'):]})"
         if target == "CHANGELOG.md":
@@ -98,8 +103,9 @@ def _title(path: Path) -> str:
 def on_files(files: Files, config: Any) -> Files:
     """Generate index.md, guide/*.md (from README.md) and changelog.md (from CHANGELOG.md)."""
     home, sections = _guide_sections()
-    pages = {"index.md": _links(home, 0)}
-    pages.update({f"guide/{_slug(t)}.md": _links(body, 1) for t, body in sections})
+    slugs = {_slug(t) for t, _ in sections}
+    pages = {"index.md": _links(home, 0, slugs)}
+    pages.update({f"guide/{_slug(t)}.md": _links(body, 1, slugs) for t, body in sections})
     changelog = ROOT / "CHANGELOG.md"
     if changelog.is_file():
         pages["changelog.md"] = _links(changelog.read_text(encoding="utf-8"), 0)

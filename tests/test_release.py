@@ -213,6 +213,14 @@ def test_absurd_size_in_metadata_is_refused_before_allocating(run_cli, tmp_path,
     assert time.perf_counter() - t0 < 30
 
 
+def test_absurd_model_options_are_refused_before_allocating(run_cli, tmp_path, monkeypatch):
+    monkeypatch.setattr(mc, "train", lambda *a, **k: pytest.fail("built and trained"))
+    for args in (["spec", "mlp", "--zoo", "--input-shape", "40"],
+                 ["train", "--data", "digits", "--out", tmp_path / "o.safetensors"]):  # fmt: skip
+        code, _, err = run_cli(*args, "--model-arg", "width=1000000000")
+        assert code == 2 and "more than this machine's" in _one_line(err), args
+
+
 def test_spec_file_group_without_slots_is_refused(run_cli, tmp_path, ck):
     spec = {"groups": {"h": 16, "ghost": 4}, "slots": {"h": [{"param": "layers.0.weight",
                                                                "axis": 0}]}}  # fmt: skip

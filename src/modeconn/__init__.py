@@ -73,7 +73,7 @@ from ._src.optional import MissingExtraError, require
 from ._src.evaluation import model_device, resolve_device
 from ._src.io import atomic_write
 from ._src.io import _json_default as json_default
-from ._src.validate import check_data_fits, check_finite_state
+from ._src.validate import check_data_fits, check_finite_state, check_model_size
 from ._src.trust import is_import_path, refuse_code
 from ._src.align.api import get_aligner
 from ._src.merge.recipe import MergeRun, run_recipe
@@ -112,6 +112,7 @@ __all__ = [
     # release: validation, safety, CLI support
     "NonFiniteError", "MissingExtraError", "require", "model_device", "resolve_device",
     "atomic_write", "json_default",
-    "check_data_fits", "check_finite_state", "is_import_path", "refuse_code", "get_aligner",
+    "check_data_fits", "check_finite_state", "check_model_size", "is_import_path", "refuse_code",
+    "get_aligner",
     "MergeRun", "run_recipe", "curve_kinds", "PATH_FILENAME", "DemoConfig", "run_demo",
 ]  # fmt: skip

@@ -131,3 +131,50 @@ def check_build_fits(
     except Exception:  # noqa: BLE001 - the real build reports its own errors
         return
     state_shapes_fit(own, state, where=where, name=name)
+
+
+def memory_bytes() -> int | None:
+    """This machine's physical memory in bytes (``None`` where the OS does not say)."""
+    import os
+
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def check_model_size(build: Any, *, name: str, limit: int | None = None) -> None:
+    """Build the model on the meta device (no memory) and refuse one whose weights alone would
+    not fit in ``limit`` bytes (default: this machine's memory): options asking for an absurd
+    size (``--model-arg width=1000000000``) are one :class:`ConfigError` before allocating.
+
+    Args:
+        build: a no-argument callable returning the ``nn.Module``.
+        name: the model's name, for the message.
+        limit: the byte budget (default :func:`memory_bytes`).
+
+    Example:
+        >>> check_model_size(lambda: nn.Linear(10**5, 10**5), name="big", limit=10**9)
+        Traceback (most recent call last):
+        ...
+        modeconn._src.errors.ConfigError: model 'big' would have 10000100000 parameters (40.0 GB \
+of weights), more than this machine's 1.0 GB of memory; check its options (--model-arg)
+    """
+    from .errors import ConfigError
+
+    budget = limit if limit is not None else memory_bytes()
+    if budget is None:
+        return
+    try:
+        with torch.device("meta"):
+            net = build()
+        tensors = list(net.state_dict().values())
+    except Exception:  # noqa: BLE001 - the real build reports its own errors
+        return
+    n = sum(t.numel() for t in tensors)
+    size = sum(t.numel() * t.element_size() for t in tensors)
+    if size > budget:
+        raise ConfigError(
+            f"model {name!r} would have {n} parameters ({size / 1e9:.1f} GB of weights), more "
+            f"than this machine's {budget / 1e9:.1f} GB of memory; check its options (--model-arg)"
+        )

@@ -231,12 +231,14 @@ def build_model(name: str, splits: Any, model_args: Mapping[str, Any], *, seed: 
 
     import torch
 
+    from modeconn import check_model_size
     from modeconn.models import create, resolve
 
     kwargs = dict(model_args)
     if ":" not in name:
         kwargs.setdefault("input_shape", list(splits.input_shape))
         kwargs.setdefault("num_classes", splits.num_classes)
+        check_model_size(lambda: create(name, seed=seed, **kwargs), name=name)
         return create(name, seed=seed, **kwargs)
     mod, _, fn = name.partition(":")
     with contextlib.suppress(Exception):
@@ -245,6 +247,7 @@ def build_model(name: str, splits: Any, model_args: Mapping[str, Any], *, seed: 
             kwargs.setdefault("input_shape", list(splits.input_shape))
         if "num_classes" in params:
             kwargs.setdefault("num_classes", splits.num_classes)
+    check_model_size(lambda: resolve(name, **kwargs), name=name)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return resolve(name, **kwargs)

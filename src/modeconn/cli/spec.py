@@ -87,6 +87,7 @@ def command(
         shape = _input_shape(None, input_shape) if input_shape else None
         if shape is not None:
             kwargs.setdefault("input_shape", shape)
+        mc.check_model_size(lambda: mc.models.create(source, seed=0, **kwargs), name=source)
         net = mc.models.create(source, seed=0, **kwargs)
     else:
         if not Path(source).exists():
