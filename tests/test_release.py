@@ -132,6 +132,9 @@ def test_train_out_and_json_the_same_file_is_refused(run_cli, tmp_path, monkeypa
     o = tmp_path / "o.safetensors"
     code, _, err = run_cli("train", "--data", "digits", "--out", o, "--json", o, "--no-progress")
     assert code == 2 and "same file" in _one_line(err) and not o.exists()
+    code, _, err = run_cli("train", "--data", "digits", "--out", tmp_path / "p.safetensors",
+                           "--json", o, "--no-progress")  # fmt: skip
+    assert code == 2 and "give a .json file" in _one_line(err) and not o.exists()
 
 
 def test_missing_output_folder_needs_mkdir(run_cli, tmp_path):

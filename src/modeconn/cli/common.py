@@ -325,6 +325,7 @@ def write_json(path: str | Path, obj: Any) -> Path:
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth")
 PLOT_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg", ".eps", ".ps", ".tif", ".tiff", ".webp")
 _DEFAULT_SUFFIXES = {"--plot": PLOT_SUFFIXES}
+_WRONG_SUFFIXES = {"--json": CHECKPOINT_SUFFIXES + PLOT_SUFFIXES}  # JSON under another type's name
 
 Paths = Iterable[str | Path | None]
 
@@ -352,7 +353,8 @@ def check_outputs(
     Refuses, each as one :class:`ConfigError` line: an output that is one of ``inputs`` (the
     same file after resolving links: the input would be destroyed); two outputs that are one
     file (``--out o.safetensors --json o.safetensors``); an output file that is a folder or has
-    the wrong suffix (``--plot`` must be an image format matplotlib writes); an output in a folder
+    the wrong suffix (``--plot`` must be an image format matplotlib writes, ``--json`` must not
+    look like a checkpoint or an image); an output in a folder
     that does not exist, unless ``mkdir`` (the command's ``--mkdir``); a folder that cannot be
     written (a real probe, so a long run never fails only at its last step).
 
@@ -377,37 +379,42 @@ def check_outputs(
     allowed = {**_DEFAULT_SUFFIXES, **(suffixes or {})}
     dirs = dict(folders or {})
     ins = [Path(p) for p in inputs if p is not None and str(p)]
+    given = {opt: Path(raw) for opt, raw in outputs.items() if raw is not None}
     files: list[tuple[str, Path]] = []  # every file the command will write
-    for opt, raw in outputs.items():
-        if raw is None:
-            continue
-        p = Path(raw)
+    for opt, p in given.items():
+        if opt in dirs:
+            files += [(f"{opt} file", p / name) for name in dirs[opt]]
+        else:
+            files.append((opt, p))
+    # first what would destroy data: an output that is an input, two outputs on one file
+    for opt, p in [*((o, q) for o, q in given.items() if o in dirs), *files]:
+        for src in ins:
+            if _same_file(p, src):
+                raise ConfigError(
+                    f"{opt} {str(p)!r} is also an input; write the result to another "
+                    f"{'folder' if opt in dirs else 'file'} (the input is left unchanged)"
+                )
+    for i, (opt, p) in enumerate(files):
+        for opt2, q in files[:i]:
+            if _same_file(p, q):
+                raise ConfigError(f"{opt2} and {opt} are the same file {str(p)!r}; give two names")
+    # then the kind of each output and the folder it goes to
+    for opt, p in given.items():
         if opt in dirs:
             if p.exists() and not p.is_dir():
                 raise ConfigError(f"{opt} {str(p)!r} is a file; give a folder")
-            for src in ins:
-                if _same_file(p, src):
-                    raise ConfigError(f"{opt} {str(p)!r} is also an input; give another folder")
             _check_folder(p.parent, f"{opt} {str(p)!r}", mkdir)
-            files += [(f"{opt} file", p / name) for name in dirs[opt]]
             continue
         if p.is_dir():
             raise ConfigError(f"{opt} {str(p)!r} is a folder; give a file name")
         ok = allowed.get(opt, ())
         if ok and p.suffix.lower() not in ok:
             raise ConfigError(f"{opt} {str(p)!r} must end with one of {', '.join(ok)}")
+        if p.suffix.lower() in _WRONG_SUFFIXES.get(opt, ()):
+            raise ConfigError(
+                f"{opt} {str(p)!r} would hold JSON under a {p.suffix} name; give a .json file"
+            )
         _check_folder(p.parent, f"{opt} {str(p)!r}", mkdir)
-        files.append((opt, p))
-    for i, (opt, p) in enumerate(files):
-        for src in ins:
-            if _same_file(p, src):
-                raise ConfigError(
-                    f"{opt} {str(p)!r} is also an input; write the result to another file "
-                    "(the input is left unchanged)"
-                )
-        for opt2, q in files[:i]:
-            if _same_file(p, q):
-                raise ConfigError(f"{opt2} and {opt} are the same file {str(p)!r}; give two names")
 
 
 def check_out_path(
