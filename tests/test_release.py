@@ -270,6 +270,21 @@ def test_path_whose_loss_overflows_is_reported_and_exits_1(run_cli, tmp_path, ck
     assert loss[-1] is None and loss[0] is not None  # NaN is null in JSON
 
 
+def test_align_and_merge_with_overflowing_results_exit_1(run_cli, tmp_path, ck):
+    net = _mlp(1)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.fill_(3e37)
+    big = mc.save_checkpoint(tmp_path / "big.safetensors", net, meta={"data": "digits"})
+    out = tmp_path / "x.safetensors"
+    code, _, err = run_cli("align", ck / "a.safetensors", big, "--out", out, "--points", "3",
+                           "--no-progress")  # fmt: skip
+    assert code == 1 and "NaN or inf" in _one_line(err) and out.is_file()
+    m = tmp_path / "m.safetensors"
+    code, _, err = run_cli("merge", ck / "a.safetensors", big, "--out", m, "--no-progress")
+    assert code == 1 and "NaN or inf" in _one_line(err) and m.is_file()
+
+
 def test_training_that_diverges_exits_1(run_cli, tmp_path):
     code, _, err = run_cli("train", "--data", "digits", "--epochs", "1", "--lr", "1e30",
                            "--model-arg", "width=16", "--out", tmp_path / "o.safetensors",

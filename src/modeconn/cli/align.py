@@ -17,6 +17,7 @@ from .common import (
     ModelOpt,
     ProgressOpt,
     SeedOpt,
+    check_finite_losses,
     check_outputs,
     console,
     load_data_arg,
@@ -148,6 +149,10 @@ def command(
     console.print(f"saved {out}")
     if json_path is not None:
         write_json(json_path, result)
+    for when in ("before", "after"):
+        if when in result:
+            check_finite_losses(f"linear path A -> B {when} alignment", result[when]["loss"],
+                                result[when]["ts"])  # fmt: skip
 
 
 def _mid(ev: dict) -> float:

@@ -253,6 +253,26 @@ def build_model(name: str, splits: Any, model_args: Mapping[str, Any], *, seed: 
         return resolve(name, **kwargs)
 
 
+def check_finite_losses(
+    what: str, losses: Sequence[float], ts: Sequence[float] | None = None
+) -> None:
+    """The non-finite rule for results: call after the tables and files are written; NaN or inf
+    in ``losses`` ends the command with :class:`NonFiniteError` (one line, exit code 1).
+
+    Example:
+        >>> check_finite_losses("linear path", [0.1, 0.2])
+    """
+    from modeconn import NonFiniteError
+
+    bad = [i for i, v in enumerate(losses) if not math.isfinite(float(v))]
+    if bad:
+        at = f" (first t = {ts[bad[0]]:.3f})" if ts is not None else ""
+        raise NonFiniteError(
+            f"{what}: the loss is NaN or inf at {len(bad)} of {len(losses)} points{at}; reported "
+            "as NaN (null in JSON): the weights overflow there"
+        )
+
+
 def _cell(v: Any) -> str:
     if isinstance(v, float):
         if math.isnan(v) or math.isinf(v):

@@ -16,6 +16,7 @@ from .common import (
     ModelArgsOpt,
     ModelOpt,
     ProgressOpt,
+    check_finite_losses,
     check_outputs,
     console,
     parse_model_args,
@@ -199,3 +200,5 @@ def command(
     if json_path is not None:
         write_json(json_path, {"out": recipe.out, "recipe": recipe.model_dump(), "info": run.info,
                                "evaluation": run.rows})
+    for r in run.rows:
+        check_finite_losses(f"model {r['model']!r} on the test split", [r["loss"]])

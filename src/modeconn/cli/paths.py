@@ -16,6 +16,7 @@ from .common import (
     ModelOpt,
     ProgressOpt,
     SeedOpt,
+    check_finite_losses,
     check_outputs,
     console,
     load_data_arg,
@@ -112,22 +113,11 @@ def _print_per_t(ev: Any) -> None:
 
 
 def check_finite_results(evaluations: dict[str, Any]) -> None:
-    """The non-finite rule for paths: after the tables and files, NaN/inf losses along a path
-    end the command with :class:`NonFiniteError` (one line, exit 1)."""
-    import math
-
-    from modeconn import NonFiniteError
-
+    """The non-finite rule for paths (see :func:`check_finite_losses`), every split."""
     for label, ev in evaluations.items():
         for split, metrics in ev.results.items():
-            values = [float(v) for v in metrics.get("loss", [])]
-            bad = [t for t, v in zip(ev.ts.tolist(), values, strict=False) if not math.isfinite(v)]
-            if bad:
-                raise NonFiniteError(
-                    f"path {label!r}: the {split} loss is NaN or inf at {len(bad)} of "
-                    f"{len(values)} points (first t = {bad[0]:.3f}); reported as NaN (null in "
-                    "JSON): the models overflow between the endpoints"
-                )
+            losses = [float(v) for v in metrics.get("loss", [])]
+            check_finite_losses(f"path {label!r}, {split} split", losses, ev.ts.tolist())
 
 
 def _check_align(align: str | None, allowed: tuple[str, ...]) -> None:
