@@ -247,6 +247,9 @@ def test_ctrl_c_during_start_up_is_one_line(tmp_path):
     time.sleep(0.3)  # importing torch takes longer than this
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=60)
+    assert "Traceback" not in err
+    if p.returncode == 0:  # an imported library swallowed the interrupt (seen with torch 2.2)
+        return
     assert p.returncode == 130, err
     _one_line(err, prefix="interrupted")
 

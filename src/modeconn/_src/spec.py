@@ -214,12 +214,6 @@ class PermutationSpec:
             {'h': 2}
         """
         try:
-            empty = [g for g in d["groups"] if not d.get("slots", {}).get(g)]
-            if empty:
-                raise SpecError(
-                    f"permutation spec: group {empty[0]!r} has no slots, so it permutes nothing; "
-                    "list its slots (param, axis) or remove the group"
-                )
             return cls(
                 groups={str(k): int(v) for k, v in d["groups"].items()},
                 slots={g: tuple(Slot(**s) for s in ss) for g, ss in d.get("slots", {}).items()},
@@ -229,7 +223,7 @@ class PermutationSpec:
                     for g, h in d.get("heads", {}).items()
                 },
             )
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
+        except (KeyError, TypeError, ValueError) as e:
             raise SpecError(f"malformed permutation spec: {e}") from e
 
     def to_json(self, **kwargs: Any) -> str:

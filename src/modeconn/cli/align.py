@@ -22,8 +22,8 @@ from .common import (
     console,
     load_data_arg,
     load_model_arg,
+    load_spec_arg,
     print_table,
-    read_text_arg,
     write_json,
 )
 
@@ -108,7 +108,7 @@ def command(
     get_aligner(method)  # unknown method: one clear line before any work
     spec = None
     if spec_path is not None:
-        spec = mc.PermutationSpec.from_json(read_text_arg(spec_path, "--spec", "JSON"))
+        spec = load_spec_arg(spec_path)
     net_a = load_model_arg(model_a, model, model_arg, device=device)
     net_b = load_model_arg(model_b, model, model_arg, device=device)
     needs_data = method != "weight" or barrier

@@ -501,3 +501,23 @@ def read_text_arg(path: str | Path, option: str, kind: str) -> str:
         ) from None
     except OSError as e:
         raise ConfigError(f"cannot read {option} {str(p)!r}: {e.strerror or e}") from None
+
+
+def load_spec_arg(path: str | Path) -> Any:
+    """Read ``--spec`` (JSON as ``modeconn spec --json`` writes it): a missing or binary file, bad
+    JSON, or a group with no slots (it would permute nothing, yet report success) is one line.
+
+    Example:
+        >>> load_spec_arg("spec.json").groups  # doctest: +SKIP
+        {'h': 64}
+    """
+    from modeconn import PermutationSpec, SpecError
+
+    spec = PermutationSpec.from_json(read_text_arg(path, "--spec", "JSON"))
+    empty = [g for g in spec.groups if not spec.slots.get(g)]
+    if empty:
+        raise SpecError(
+            f"--spec {str(path)!r}: group {empty[0]!r} has no slots, so it permutes nothing; "
+            "list its slots (param, axis) or remove the group"
+        )
+    return spec
