@@ -238,13 +238,16 @@ def test_spec_file_group_without_slots_is_refused(run_cli, tmp_path, ck):
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 def test_ctrl_c_during_start_up_is_one_line(tmp_path):
     env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    code = "import sys, _modeconn_cli; sys.argv = ['modeconn', '--help']; _modeconn_cli.main()"
+    code = ("import sys, _modeconn_cli; sys.argv = ['modeconn', '--help']\n"
+            "print('go', flush=True); _modeconn_cli.main()")
+
     def default_sigint() -> None:  # a shell's background job would start with SIGINT ignored
         signal.signal(signal.SIGINT, signal.SIG_DFL)
 
-    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL,
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, env=env, preexec_fn=default_sigint)
-    time.sleep(0.3)  # importing torch takes longer than this
+    assert p.stdout is not None and p.stdout.readline() == "go\n"  # Python runs: now importing
+    time.sleep(0.2)  # importing torch and modeconn takes longer than this
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=60)
     assert "Traceback" not in err

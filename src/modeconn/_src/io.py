@@ -214,14 +214,17 @@ class Checkpoint:
     """Weights and metadata read by :func:`load_checkpoint`.
 
     Attributes:
-        state: the state dict (CPU tensors).
+        state: the state dict (CPU tensors; from safetensors a read-only mapping that reads each
+            tensor when it is accessed).
         meta: the metadata (``{}`` for a checkpoint not written by modeconn).
         path: where it was read from.
+        folder: read from a Hugging Face model folder (``build()`` gives the transformers model).
     """
 
-    state: dict[str, Any]
+    state: Mapping[str, Any]
     meta: dict[str, Any] = field(default_factory=dict)
     path: str = ""
+    folder: bool = False
 
     @property
     def model_name(self) -> str | None:
@@ -248,6 +251,13 @@ class Checkpoint:
         from .errors import CheckpointError
         from .validate import check_build_fits
 
+        if self.folder:
+            from .hf import build_model
+            from .lazy import LazyState
+
+            net = build_model(self.path, None if isinstance(self.state, LazyState) else self.state)
+            net.modeconn_meta = self.meta
+            return net
         recorded = self.meta.get("model") if isinstance(self.meta.get("model"), Mapping) else None
         name = model or (recorded or {}).get("name")
         if not name or not isinstance(name, str):
@@ -297,23 +307,14 @@ def load_state_into(model: Any, state: Mapping[str, Any], *, where: str = "check
 def _load_safetensors(p: Path) -> Checkpoint:
     import json
 
-    from safetensors import safe_open
-
     from .errors import CheckpointError
+    from .lazy import LazyState
 
-    try:
-        with safe_open(str(p), framework="pt", device="cpu") as f:
-            header = f.metadata() or {}
-            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no iter
-    except Exception as e:  # noqa: BLE001 - any parse failure means corrupt/truncated
-        raise CheckpointError(
-            f"cannot read checkpoint {str(p)!r}: not a valid safetensors file (corrupt or "
-            f"truncated?): {str(e).splitlines()[0] if str(e) else type(e).__name__}"
-        ) from None
+    state = LazyState.open(p)  # the header now, each tensor when it is used
     meta: dict[str, Any] = {}
-    if _META_KEY in header:
+    if _META_KEY in state.metadata:
         try:
-            meta = json.loads(header[_META_KEY])
+            meta = json.loads(state.metadata[_META_KEY])
         except ValueError:
             raise CheckpointError(f"checkpoint {str(p)!r} has corrupt modeconn metadata") from None
     return Checkpoint(state, meta, str(p))
@@ -379,10 +380,12 @@ def load_checkpoint(path: str | os.PathLike[str], *, finite: bool = True) -> Che
     weights holding NaN or inf (modeconn refuses non-finite inputs) unless ``finite=False``.
 
     Args:
-        path: a ``.safetensors`` file (modeconn's format) or a ``.pt``/``.pth``/``.bin``/
-            ``.ckpt`` file holding a state dict (optionally under ``"state_dict"``).
+        path: a ``.safetensors`` file (modeconn's format), a ``.pt``/``.pth``/``.bin``/
+            ``.ckpt`` file holding a state dict (optionally under ``"state_dict"``), or a local
+            Hugging Face model folder (``config.json`` + ``model.safetensors`` or a sharded
+            index; read lazily, ``build()`` gives the transformers model, nothing is fetched).
         finite: refuse NaN/inf in a floating tensor (default; ``False`` to inspect a diverged
-            run).
+            run). A folder is read lazily and not scanned.
 
     Returns:
         :class:`Checkpoint` with ``.state``, ``.meta`` and ``.build()``.
@@ -397,6 +400,10 @@ def load_checkpoint(path: str | os.PathLike[str], *, finite: bool = True) -> Che
     from .validate import check_finite_state
 
     p = Path(path)
+    if p.is_dir():
+        from .hf import open_folder
+
+        return Checkpoint(open_folder(p), {}, str(p), folder=True)
     if not p.is_file():
         raise CheckpointError(
             f"checkpoint {str(p)!r} does not exist"

@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
+from . import stream
 from .common import (
     CHECKPOINT_SUFFIXES,
     DataOpt,
@@ -18,7 +19,6 @@ from .common import (
     ProgressOpt,
     SeedOpt,
     check_finite_losses,
-    check_outputs,
     console,
     load_data_arg,
     load_model_arg,
@@ -59,7 +59,8 @@ def command(
     ] = "weight",
     data: DataOpt = None,
     out: Annotated[
-        Path, typer.Option("--out", "-o", help="Aligned checkpoint of B (.safetensors or .pt).")
+        Path, typer.Option("--out", "-o", help="Aligned checkpoint of B (.safetensors or .pt; "
+                           "a folder when B is a Hugging Face model folder).")
     ] = Path("B_aligned.safetensors"),
     points: Annotated[
         int, typer.Option("--points", help="Points on the linear path for the barrier table.")
@@ -95,11 +96,9 @@ def command(
     import modeconn as mc
     from modeconn import ConfigError, get_aligner
 
-    check_outputs(
-        {"--out": out, "--json": json_path},
-        inputs=[model_a, model_b, spec_path, data],
-        mkdir=mkdir,
-        suffixes={"--out": CHECKPOINT_SUFFIXES},
+    stream.check_out(  # a folder for a folder; check_outputs: output = input, missing folders
+        out, model_b, CHECKPOINT_SUFFIXES, inputs=[model_a, model_b, spec_path, data],
+        json_path=json_path, mkdir=mkdir,
     )
     if points < 2:
         raise ConfigError(f"--points must be >= 2, got {points}")
@@ -130,7 +129,10 @@ def command(
     info = {k: v for k, v in perm.info.items() if k != "history"}
     meta = dict(getattr(net_b, "modeconn_meta", None) or {})
     meta["alignment"] = {"method": method, "reference": str(model_a), "info": info}
-    mc.save_checkpoint(out, aligned, meta=meta)
+    if stream.is_folder(model_b):
+        mc.save_model_folder(out, aligned.state_dict(), like=model_b)
+    else:
+        mc.save_checkpoint(out, aligned, meta=meta)
 
     result: dict[str, Any] = {"out": str(out), "method": method, "alignment": info}
     if barrier and splits is not None:

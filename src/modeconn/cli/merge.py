@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
+from . import stream
 from .common import (
     CHECKPOINT_SUFFIXES,
     DataOpt,
@@ -17,7 +18,6 @@ from .common import (
     ModelOpt,
     ProgressOpt,
     check_finite_losses,
-    check_outputs,
     console,
     parse_model_args,
     print_table,
@@ -107,7 +107,10 @@ def command(
     """Merge checkpoints into one and print each input's test loss/accuracy next to the merged one.
 
     The data's train split feeds Fisher, RegMean, the greedy soup's selection, activation
-    alignment and the BN reset; the test split gives the table.
+    alignment and the BN reset; the test split gives the table. Per-tensor methods (average,
+    task_arithmetic, ties, dare, slerp, ...) without --align/--reset-bn/--repair are streamed
+    tensor by tensor (mc.merge_files), so models larger than memory merge; Hugging Face model
+    folders in give a model folder out.
 
     Example: `modeconn merge a.safetensors b.safetensors --method ties --base pre.safetensors
     --out m.safetensors`
@@ -149,14 +152,13 @@ def command(
             )
         if out is None:
             raise ConfigError("give --out merged.safetensors (where to write the merged model)")
-        check_outputs({"--out": out}, inputs=[*models, base], mkdir=mkdir,
-                      suffixes={"--out": CHECKPOINT_SUFFIXES})
+        stream.check_out(out, models[0], CHECKPOINT_SUFFIXES, inputs=[*models, base], mkdir=mkdir)
         name = method or "average"
         if name not in merge_methods():  # one line listing the methods, before any work
             raise ConfigError(
                 f"unknown merge method {name!r}; choose one of: {', '.join(merge_methods())}"
             )
-        if data is None:
+        if data is None and not stream.is_folder(models[0]):
             data = _recorded_data(models[0])
         w = _weights(weights)
         if w is not None and len(w) != len(models):
@@ -180,12 +182,19 @@ def command(
         }, "options")
     if recipe.out is None:
         raise ConfigError("the recipe has no out: and no --out was given")
-    check_outputs(
-        {"--out": recipe.out, "--json": json_path},
-        inputs=[*(e.path for e in recipe.models), recipe.base, config, recipe.data],
-        mkdir=mkdir,
-        suffixes={"--out": CHECKPOINT_SUFFIXES},
+    inputs = [Path(e.path) for e in recipe.models]
+    stream.check_out(
+        Path(recipe.out), inputs[0], CHECKPOINT_SUFFIXES, json_path=json_path, mkdir=mkdir,
+        inputs=[*inputs, recipe.base, config, recipe.data],
     )
+    if stream.streams(recipe.method, inputs, Path(recipe.out), align=recipe.align,
+                      reset_bn=recipe.reset_bn, repair=recipe.repair):
+        stream.run(inputs, Path(recipe.out), method=recipe.method,
+                   base=Path(recipe.base) if recipe.base else None, weights=recipe.weights(),
+                   params=recipe.parameters, data=recipe.data, model=recipe.model,
+                   model_args=recipe.model_kwargs, device=recipe.device, json_path=json_path,
+                   progress=progress)
+        return
 
     run = run_recipe(recipe, progress=progress)
     if run.rows:
