@@ -334,6 +334,8 @@ case("einsum", "seq", lambda s, u, v, x: torch.einsum("bti,ij->btj", u, s.w))
 for _d in (1, 2, 3):
     for _p in ("max", "avg", "adaptive_avg", "adaptive_max", "lp"):
         _name = f"{_p}_pool{_d}d"
+        if not hasattr(F, _name):  # F.lp_pool3d is newer than torch 2.2
+            continue
         _f = getattr(F, _name)
 
         def _pool(s, u, v, x, f=_f, d=_d, p=_p):
