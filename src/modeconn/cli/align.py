@@ -9,17 +9,20 @@ import typer
 
 from . import stream
 from .common import (
+    CHECKPOINT_SUFFIXES,
     DataOpt,
     DeviceOpt,
     JsonOpt,
+    MkdirOpt,
     ModelArgsOpt,
     ModelOpt,
     ProgressOpt,
     SeedOpt,
-    check_out_path,
+    check_finite_losses,
     console,
     load_data_arg,
     load_model_arg,
+    load_spec_arg,
     print_table,
     write_json,
 )
@@ -86,6 +89,7 @@ def command(
     seed: SeedOpt = 0,
     device: DeviceOpt = None,
     json_path: JsonOpt = None,
+    mkdir: MkdirOpt = False,
     progress: ProgressOpt = True,
 ) -> None:
     """Align checkpoint B to checkpoint A (B's function is unchanged) and save the result.
@@ -96,9 +100,10 @@ def command(
     import modeconn as mc
     from modeconn import ConfigError
 
-    stream.check_out(out, model_b, (".safetensors", ".pt", ".pth"))  # a folder for a folder
-    if json_path is not None:
-        check_out_path(json_path)
+    stream.check_out(  # a folder for a folder; check_outputs: output = input, missing folders
+        out, model_b, CHECKPOINT_SUFFIXES, inputs=[model_a, model_b, spec_path, data],
+        json_path=json_path, mkdir=mkdir,
+    )
     if points < 2:
         raise ConfigError(f"--points must be >= 2, got {points}")
     if restarts < 1:
@@ -108,12 +113,7 @@ def command(
         raise ConfigError(f"--restarts applies to weight matching, not to method {method!r}")
     spec = None
     if spec_path is not None:
-        from modeconn import SpecError
-
-        try:
-            spec = mc.PermutationSpec.from_json(spec_path.read_text())
-        except OSError as e:
-            raise SpecError(f"cannot read the spec {str(spec_path)!r}: {e}") from e
+        spec = load_spec_arg(spec_path)
     net_a = load_model_arg(model_a, model, model_arg, device=device)
     net_b = load_model_arg(model_b, model, model_arg, device=device)
     needs_data = aligner.needs_data or barrier
@@ -156,6 +156,10 @@ def command(
     console.print(f"saved {out}")
     if json_path is not None:
         write_json(json_path, result)
+    for when in ("before", "after"):
+        if when in result:
+            check_finite_losses(f"linear path A -> B {when} alignment", result[when]["loss"],
+                                result[when]["ts"])  # fmt: skip
 
 
 def _jsonable(v: Any) -> bool:
