@@ -47,13 +47,9 @@ State = dict[str, Tensor]
 
 
 def _pot() -> Any:
-    try:
-        import ot
-    except ImportError:  # pragma: no cover - the extra is installed in the dev environment
-        raise ConfigError(
-            "OT fusion needs the POT library: pip install 'modeconn[ot]'"
-        ) from None
-    return ot
+    from ..optional import require
+
+    return require("ot", "ot", feature="OT fusion")
 
 
 def _rows(t: Tensor, slot: Slot, size: int) -> Tensor:
