@@ -67,6 +67,10 @@ from ._src.paths.pam import pam_align
 # --- merging ---------------------------------------------------------------------------------
 from ._src.merge import MergedState, MergeRecipe, merge, merge_methods
 
+# --- sweeps and reports ----------------------------------------------------------------------
+from ._src import sweep
+from ._src.html_report import write_report
+
 # The public names, by section (docs/API.md documents each). Keep in step with the imports above:
 # tests/test_public_api.py checks that every imported public name is listed here and vice versa.
 __all__ = [
@@ -95,4 +99,6 @@ __all__ = [
     "evaluate_ensemble", "fge",
     # merging
     "merge", "merge_methods", "MergedState", "MergeRecipe",
+    # sweeps and reports
+    "sweep", "write_report",
 ]  # fmt: skip
