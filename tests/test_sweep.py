@@ -85,6 +85,20 @@ def test_bad_grid_is_one_clear_error_before_any_work(tmp_path, change, needle):
     assert not (tmp_path / "out").exists()  # nothing was started
 
 
+def tiny_net(input_shape=(1, 8, 8), num_classes=10, width=8, depth=1):
+    """A model factory named by import path (trusted only when the user names it)."""
+    return mc.models.create("mlp", input_shape=input_shape, num_classes=num_classes, width=width,
+                            depth=depth)  # fmt: skip
+
+
+def test_an_import_path_model_is_used_only_when_the_user_names_it():
+    grid = mc.sweep.load_grid({**TINY, "model": f"{__name__}:tiny_net"})
+    with pytest.raises(mc.ConfigError, match="does not run code named in a file"):
+        mc.sweep.check_grid(grid)
+    splits = mc.sweep.check_grid(grid, trusted=[f"{__name__}:tiny_net"])
+    assert splits.input_shape == (1, 8, 8)
+
+
 def test_cli_bad_grid_file_exits_2_with_one_line(run_cli, tmp_path):
     bad = tmp_path / "grid.yaml"
     bad.write_text("data: digits\nmodel: [unclosed\n")

@@ -7,7 +7,7 @@ import io
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,11 +64,23 @@ def _numeric(values: Sequence[Any]) -> bool:
     return all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
 
 
-def _barrier_figure(rows: list[dict[str, Any]], key: str) -> str:
-    """Test loss and error barrier against ``key``: mean ± std over seed pairs (and other keys),
-    one line per alignment method, one row of panels per path kind."""
+def barrier_figure(rows: Sequence[Mapping[str, Any]], key: str) -> Any:
+    """Test loss and error barrier against grid key ``key``: mean ± std over seed pairs (and any
+    other grid keys), one line per alignment method, one row of panels per path kind.
+
+    Args:
+        rows: sweep rows (``mc.sweep.load``).
+        key: a grid-key column, e.g. ``"width"``.
+
+    Returns:
+        A ``matplotlib.figure.Figure`` (Agg canvas, no pyplot state).
+
+    Example:
+        >>> fig = barrier_figure(mc.sweep.load("sweep-out"), "width")  # doctest: +SKIP
+    """
     from .sweep import summarize
 
+    rows = [dict(r) for r in rows]
     kinds = list(dict.fromkeys(r["path"] for r in rows))
     fig = _figure()
     fig.set_size_inches(10, 3.4 * len(kinds))
@@ -100,8 +112,27 @@ def _barrier_figure(rows: list[dict[str, Any]], key: str) -> str:
             ax.set_title(f"{kind} path: {label.split(' (')[0]}")
             ax.axhline(0, color="grey", lw=0.8)
             ax.grid(alpha=0.3)
+            if numeric:
+                ax.set_xticks(xs_all, [str(v) for v in xs_all])
             ax.legend(title="alignment", fontsize="small")
-    return _svg(fig)
+    return fig
+
+
+def plot_barriers(
+    rows: Sequence[Mapping[str, Any]], key: str, path: str | os.PathLike[str], *, dpi: int = 200
+) -> Path:
+    """Save :func:`barrier_figure` (``.svg``, ``.pdf`` or ``.png`` at ``dpi``), atomically.
+
+    Example:
+        >>> plot_barriers(mc.sweep.load("out"), "width", "docs/results/width.svg")  # doctest: +SKIP
+    """
+    from .io import atomic_path
+
+    dest = Path(path)
+    fig = barrier_figure(rows, key)
+    with atomic_path(dest) as tmp:
+        fig.savefig(tmp, dpi=dpi, format=dest.suffix.lstrip(".") or "png", bbox_inches="tight")
+    return dest
 
 
 def _accuracy_figure(rows: list[dict[str, Any]], folder: Path, key: str | None) -> str:
@@ -155,7 +186,7 @@ def sweep_page(folder: Path) -> str:
     if rows:
         for key in keys or []:
             parts.append(f"<h2>Barrier against {html.escape(key)}</h2><figure>"
-                         f"{_barrier_figure(rows, key)}</figure>")  # fmt: skip
+                         f"{_svg(barrier_figure(rows, key))}</figure>")  # fmt: skip
         acc = _accuracy_figure(rows, folder, keys[0] if keys else None)
         parts.append(f"<h2>Accuracy along the paths</h2><figure>{acc}</figure>")
         cols = [*keys, "seed_a", "seed_b", "align", "path", "loss_barrier", "error_barrier",

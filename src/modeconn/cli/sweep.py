@@ -10,6 +10,7 @@ import typer
 import modeconn as mc
 
 from .common import (
+    DeviceOpt,
     JsonOpt,
     ProgressOpt,
     check_out_dir,
@@ -28,8 +29,8 @@ def _summary(rows: list[dict[str, Any]], keys: list[str]) -> None:
     for g in groups:
         table.append([
             *(str(g[k]) for k in keys), g["align"], g["path"], g["n"],
-            f"{g['loss_barrier_mean']:.4f} ± {g['loss_barrier_std']:.4f}",
-            f"{g['error_barrier_mean']:.4f} ± {g['error_barrier_std']:.4f}",
+            f"{g['loss_barrier_mean']:.3f}±{g['loss_barrier_std']:.3f}",
+            f"{g['error_barrier_mean']:.3f}±{g['error_barrier_std']:.3f}",
             f"{g['test_acc_mean_mean']:.4f}",
         ])  # fmt: skip
     cols = [*keys, "align", "path", "pairs", "test loss barrier", "test error barrier",
@@ -93,6 +94,10 @@ def command(
         str | None,
         typer.Option("--data", "-d", help="Allow the grid's 'package.module:function' data."),
     ] = None,
+    threads: Annotated[
+        int, typer.Option("--threads", help="Torch threads per task (1: reproducible rows).")
+    ] = 1,
+    device: DeviceOpt = None,
     json_path: JsonOpt = None,
     progress: ProgressOpt = True,
 ) -> None:
@@ -129,7 +134,7 @@ def command(
     with on_interrupt(hint):
         rows = mc.sweep.run(
             target, out, address=address, workers=workers, retry_failed=retry_failed,
-            trusted=trusted, progress=progress,
+            trusted=trusted, progress=progress, threads=threads, device=device,
             on_cell=lambda outcome: done.__setitem__(0, done[0] + 1),
         )  # fmt: skip
     st = mc.sweep.status(out)

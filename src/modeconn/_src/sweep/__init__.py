@@ -7,6 +7,7 @@ Ray (``pip install 'modeconn[sweep]'``) is imported only when cells have to run.
 
 from __future__ import annotations
 
+from ..html_report import plot_barriers
 from .cell import BARRIER_SPLIT, run_cell
 from .grid import Cell, CurveOptions, Grid, check_grid, load_grid, train_options
 from .runner import RayMissingError, load, run, status
@@ -15,6 +16,6 @@ from .summary import summarize
 
 __all__ = [
     "BARRIER_SPLIT", "Cell", "CurveOptions", "Grid", "RayMissingError", "check_grid",
-    "endpoint_key", "ensure_endpoint", "load", "load_grid", "run", "run_cell", "status",
-    "summarize", "train_options",
+    "endpoint_key", "ensure_endpoint", "load", "load_grid", "plot_barriers", "run", "run_cell",
+    "status", "summarize", "train_options",
 ]  # fmt: skip

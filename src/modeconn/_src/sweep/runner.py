@@ -125,6 +125,8 @@ def run(
     grid = load_grid(grid_or_path)
     if workers is not None and workers < 1:
         raise ConfigError(f"workers must be >= 1, got {workers}")
+    if threads < 1:
+        raise ConfigError(f"threads must be >= 1, got {threads}")
     check_grid(grid, trusted)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
