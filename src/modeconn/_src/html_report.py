@@ -94,7 +94,8 @@ def barrier_figure(rows: Sequence[Mapping[str, Any]], key: str) -> Any:
             ("error_barrier", 100.0, "test error barrier (percentage points)"),
         )):  # fmt: skip
             ax = axes[i][j]
-            for c, method in enumerate(dict.fromkeys(g["align"] for g in groups)):
+            methods = sorted({g["align"] for g in groups}, key=lambda m: (m != "none", m))
+            for c, method in enumerate(methods):  # the naive baseline first
                 pts = [g for g in groups if g["align"] == method]
                 pts.sort(key=lambda g: xs_all.index(g[key]))
                 x = [g[key] if numeric else xs_all.index(g[key]) for g in pts]

@@ -170,8 +170,10 @@ def _execute(
 
     cpus = int(ray.cluster_resources().get("CPU", 1))
     window = workers or max(cpus, 1) * 2
-    ep_task = ray.remote(num_cpus=1, max_retries=0)(_endpoint_task)
-    cell_task = ray.remote(num_cpus=1, max_retries=0)(_cell_task)
+    # A task whose worker or node dies is retried (results are deterministic); one that raises is
+    # not (the cell is recorded as failed; --retry-failed runs it again).
+    ep_task = ray.remote(num_cpus=1, max_retries=2, retry_exceptions=False)(_endpoint_task)
+    cell_task = ray.remote(num_cpus=1, max_retries=2, retry_exceptions=False)(_cell_task)
     grid_ref = ray.put(grid)
     eps: dict[str, Any] = {}
     inflight: dict[Any, Cell] = {}

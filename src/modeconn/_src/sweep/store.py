@@ -98,10 +98,13 @@ def ensure_endpoint(
         The checkpoint path (metadata: ``store_spec``, ``metrics``, ``train``, ``data``, ``seed``).
 
     Example:
-        >>> spec = {"model": "mlp", "model_args": {"width": 8}, "data": "digits",
+        >>> import tempfile
+        >>> spec = {"model": "mlp", "model_args": {"width": 8, "depth": 1}, "data": "digits",
         ...         "data_args": {}, "train": {"epochs": 1}, "seed": 0}
-        >>> ensure_endpoint(spec, tmp).name.startswith("mlp-s0-")  # doctest: +SKIP
-        True
+        >>> store = tempfile.mkdtemp()
+        >>> first = ensure_endpoint(spec, store)  # trained
+        >>> ensure_endpoint(spec, store) == first, first.name.startswith("mlp-s0-")  # reused
+        (True, True)
     """
     from ..io import save_checkpoint
     from ..train import train
