@@ -214,12 +214,15 @@ def demo_page(folder: Path) -> str:
     if evs:
         parts.append("<h2>Loss and accuracy along each path (test split)</h2><figure>"
                      f"{_svg(paths_figure(evs, split='test'))}</figure>")  # fmt: skip
-    rows = [[k, b.get("loss_test"), b.get("loss_train"), b.get("error_test"), b.get("error_train")]
-            for k, b in report.get("barriers", {}).items()]  # fmt: skip
+    def pct(v: Any) -> Any:
+        return None if v is None else 100 * v
+
+    rows = [[k, b.get("loss_test"), b.get("loss_train"), pct(b.get("error_test")),
+             pct(b.get("error_train"))] for k, b in report.get("barriers", {}).items()]  # fmt: skip
     parts.append("<h2>Barriers</h2><p class='note'>loss barrier: test split (modeconn's "
                  "convention); train split alongside.</p>" + _table(
-                     ["path", "test loss barrier", "train loss barrier", "test error barrier",
-                      "train error barrier"], rows))  # fmt: skip
+                     ["path", "test loss barrier (nats)", "train loss barrier (nats)",
+                      "test error barrier (%)", "train error barrier (%)"], rows))  # fmt: skip
     import tempfile
     import types
 
