@@ -168,12 +168,19 @@ def _execute(
 ) -> None:
     from ..progress import progress_bar
 
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    window = workers or max(cpus, 1) * 2
+    resources = ray.cluster_resources()
+    window = workers or max(int(resources.get("CPU", 1)), 1) * 2
+    # Ray hides GPUs from tasks that request none: with a CUDA device, cells share the GPUs.
+    gpus = 0.0
+    if device is not None and str(device).startswith("cuda"):
+        if not resources.get("GPU"):
+            raise ConfigError(f"device {device!r}, but the Ray cluster has no GPU")
+        gpus = min(1.0, resources["GPU"] / window)
     # A task whose worker or node dies is retried (results are deterministic); one that raises is
     # not (the cell is recorded as failed; --retry-failed runs it again).
-    ep_task = ray.remote(num_cpus=1, max_retries=2, retry_exceptions=False)(_endpoint_task)
-    cell_task = ray.remote(num_cpus=1, max_retries=2, retry_exceptions=False)(_cell_task)
+    opts = {"num_cpus": 1, "num_gpus": gpus, "max_retries": 2, "retry_exceptions": False}
+    ep_task = ray.remote(**opts)(_endpoint_task)
+    cell_task = ray.remote(**opts)(_cell_task)
     grid_ref = ray.put(grid)
     eps: dict[str, Any] = {}
     inflight: dict[Any, Cell] = {}
