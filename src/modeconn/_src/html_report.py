@@ -15,8 +15,14 @@ from .errors import ConfigError
 from .io import atomic_write
 
 REPORT_FILE = "report.html"
-_UNITS = {"width": "hidden units per layer", "depth": "hidden layers", "epochs": "epochs",
-          "train.epochs": "epochs", "lr": "learning rate", "train.lr": "learning rate"}  # fmt: skip
+_UNITS = {
+    "width": "hidden units per layer",
+    "depth": "hidden layers",
+    "epochs": "epochs",
+    "train_epochs": "epochs",
+    "lr": "peak learning rate",
+    "train_lr": "peak learning rate",
+}
 _CSS = """body{font:15px/1.45 system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}
 table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:2px 6px;
 text-align:right}th{background:#f3f3f3}figure{margin:1em 0}svg{max-width:100%;height:auto}
@@ -185,9 +191,12 @@ def sweep_page(folder: Path) -> str:
         "al. 2020). Error bars: standard deviation over seed pairs.</p>"
     ]
     if rows:
+        others = "seed pairs" + (" and the other grid keys' values" if len(keys) > 1 else "")
         for key in keys or []:
             parts.append(f"<h2>Barrier against {html.escape(key)}</h2><figure>"
-                         f"{_svg(barrier_figure(rows, key))}</figure>")  # fmt: skip
+                         f"{_svg(barrier_figure(rows, key))}<figcaption class='note'>Each point: "
+                         f"mean ± std over {others} (n rows, in the legend).</figcaption>"
+                         "</figure>")  # fmt: skip
         acc = _accuracy_figure(rows, folder, keys[0] if keys else None)
         parts.append(f"<h2>Accuracy along the paths</h2><figure>{acc}</figure>")
         cols = [*keys, "seed_a", "seed_b", "align", "path", "loss_barrier", "error_barrier",
@@ -214,6 +223,7 @@ def demo_page(folder: Path) -> str:
     if evs:
         parts.append("<h2>Loss and accuracy along each path (test split)</h2><figure>"
                      f"{_svg(paths_figure(evs, split='test'))}</figure>")  # fmt: skip
+
     def pct(v: Any) -> Any:
         return None if v is None else 100 * v
 

@@ -25,13 +25,15 @@ STATUS = "status"
 
 def _summary(rows: list[dict[str, Any]], keys: list[str]) -> None:
     groups = mc.sweep.summarize(rows, [*keys, "align", "path"])
+
+    def ms(g: dict[str, Any], m: str) -> str:
+        return f"{g[m + '_mean']:.3f}" + (f"±{g[m + '_std']:.3f}" if g["n"] > 1 else "")
+
     table = []
     for g in groups:
         table.append([
             *(str(g[k]) for k in keys), g["align"], g["path"], g["n"],
-            f"{g['loss_barrier_mean']:.3f}±{g['loss_barrier_std']:.3f}",
-            f"{g['error_barrier_mean']:.3f}±{g['error_barrier_std']:.3f}",
-            f"{g['test_acc_mean_mean']:.4f}",
+            ms(g, "loss_barrier"), ms(g, "error_barrier"), f"{g['test_acc_mean_mean']:.3f}",
         ])  # fmt: skip
     cols = [*keys, "align", "path", "pairs", "test loss barrier", "test error barrier",
             "mean test acc"]  # fmt: skip
