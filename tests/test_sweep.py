@@ -154,29 +154,49 @@ def test_tiny_sweep_rows_match_a_direct_evaluation(tiny_sweep):
     assert again == rows
 
 
+def _cells_done(out: Path) -> int:
+    try:
+        with sqlite3.connect(out / "results.sqlite", timeout=1) as con:
+            return con.execute("SELECT count(*) FROM cells").fetchone()[0]
+    except sqlite3.Error:
+        return 0
+
+
+def _run_then_stop(cmd: list[str], out: Path, sig: int) -> tuple[int, str]:
+    """Start the sweep command, send ``sig`` once it has recorded one more cell, wait for it."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    # SIGINT as a terminal would send it (a background shell ignores it otherwise)
+    def default_sigint() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, preexec_fn=default_sigint)  # fmt: skip
+    before, deadline = _cells_done(out), time.monotonic() + 120
+    while _cells_done(out) <= before and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()[1]
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    return proc.returncode, err
+
+
 @pytest.mark.slow
-def test_kill_9_mid_run_then_rerun_gives_the_same_rows(ray_cluster, tiny_sweep, tmp_path):
+def test_ctrl_c_then_kill_9_mid_run_then_rerun_gives_the_same_rows(
+    ray_cluster, tiny_sweep, tmp_path
+):
     grid = tmp_path / "grid.yaml"
     grid.write_text(yaml.safe_dump(TINY))
-    out = tmp_path / "killed"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = tmp_path / "stopped"
     cmd = [sys.executable, "-m", "modeconn.cli.main", "sweep", str(grid), "--out", str(out),
            "--address", ray_cluster, "--workers", "1", "--no-progress"]  # fmt: skip
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    done = 0
-    deadline = time.monotonic() + 120
-    while done < 1 and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-        try:
-            with sqlite3.connect(out / "results.sqlite", timeout=1) as con:
-                done = con.execute("SELECT count(*) FROM cells").fetchone()[0]
-        except sqlite3.Error:
-            pass
-    assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    code, err = _run_then_stop(cmd, out, signal.SIGINT)
+    assert code == 130 and "interrupted: " in err and "run the same command" in err, err
+    assert "Traceback" not in err
+    first = mc.sweep.status(out)["done"]
+    code, _ = _run_then_stop(cmd, out, signal.SIGKILL)  # the same command, killed in turn
+    assert code == -signal.SIGKILL
     st = mc.sweep.status(out)
-    assert 1 <= st["done"] < 4  # killed mid-run: some cells saved, some missing
+    assert first < st["done"] < 4  # each run added cells; some are still missing
     rows = mc.sweep.run(grid, out, workers=2, progress=False)
     assert _comparable(rows) == _comparable(tiny_sweep[1])
     assert mc.sweep.status(out)["missing"] == 0
