@@ -128,10 +128,12 @@ def run(
     if threads < 1:
         raise ConfigError(f"threads must be >= 1, got {threads}")
     check_grid(grid, trusted)
-    out = Path(out_dir)
+    if os.path.exists(grid.data):  # tasks may run in another working directory
+        grid = grid.model_copy(update={"data": os.path.abspath(grid.data)})
+    out = Path(out_dir).absolute()
     if out.exists() and not out.is_dir():
         raise ConfigError(f"sweep folder {str(out)!r} is a file; give a folder")
-    store_dir = Path(store) if store is not None else out / "endpoints"
+    store_dir = Path(store).absolute() if store is not None else out / "endpoints"
     with atomic_write(out / GRID_FILE, "w") as f:
         json.dump(grid.model_dump(mode="json"), f, indent=2)
     cells = grid.cells()
