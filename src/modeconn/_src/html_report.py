@@ -177,6 +177,21 @@ def _accuracy_figure(rows: list[dict[str, Any]], folder: Path, key: str | None) 
     return _svg(fig)
 
 
+def _summary_table(rows: list[dict[str, Any]], keys: list[str]) -> str:
+    from .sweep import summarize
+
+    def ms(g: dict[str, Any], m: str, scale: float = 1.0) -> str:
+        return f"{scale * g[m + '_mean']:.3f} ± {scale * g[m + '_std']:.3f}"
+
+    groups = summarize(rows, [*keys, "align", "path"])
+    body = [[*(g[k] for k in keys), g["align"], g["path"], g["n"], ms(g, "loss_barrier"),
+             ms(g, "error_barrier", 100), ms(g, "test_acc_mean", 100), ms(g, "test_acc_min", 100)]
+            for g in groups]  # fmt: skip
+    cols = [*keys, "align", "path", "pairs", "test loss barrier", "test error barrier (%)",
+            "mean test acc (%)", "min test acc (%)"]  # fmt: skip
+    return _table(cols, body)
+
+
 def sweep_page(folder: Path) -> str:
     """The HTML of a sweep folder's report."""
     from .sweep import load, status
@@ -199,6 +214,9 @@ def sweep_page(folder: Path) -> str:
                          "</figure>")  # fmt: skip
         acc = _accuracy_figure(rows, folder, keys[0] if keys else None)
         parts.append(f"<h2>Accuracy along the paths</h2><figure>{acc}</figure>")
+        note = ("<p class='note'>mean ± std over seed pairs; barriers and accuracies on the test "
+                "split, in nats and %.</p>")  # fmt: skip
+        parts.append(f"<h2>Summary</h2>{note}{_summary_table(rows, keys)}")
         cols = [*keys, "seed_a", "seed_b", "align", "path", "loss_barrier", "error_barrier",
                 "test_acc_mean", "test_acc_min", "a_test_accuracy", "b_test_accuracy"]  # fmt: skip
         parts.append("<h2>All rows</h2><p class='note'>loss_barrier, error_barrier: test split; "
