@@ -152,7 +152,7 @@ def _accuracy_figure(rows: list[dict[str, Any]], folder: Path, key: str | None) 
     fig.set_size_inches(3.6 * cols + 1, 3.2 * nrows)
     axes = fig.subplots(nrows, cols, squeeze=False).ravel()
     for ax, v in zip(axes, values, strict=False):
-        curves: dict[str, list[list[float]]] = {}
+        curves: dict[tuple[str, str], list[list[float]]] = {}
         ts: list[float] = []
         for r in rows:
             if (key and r[key] != v) or not r.get("artifact"):
@@ -163,8 +163,11 @@ def _accuracy_figure(rows: list[dict[str, Any]], folder: Path, key: str | None) 
             d = json.loads(p.read_text())
             ts = d["ts"]
             acc = d["splits"]["test"]["values"]["accuracy"]
-            curves.setdefault(f"{r['path']}, {r['align']}", []).append(acc)
-        for c, (label, accs) in enumerate(curves.items()):
+            curves.setdefault((r["path"], r["align"]), []).append(acc)
+        # the naive baseline first, as in the barrier figure (same colours per method)
+        order = sorted(curves, key=lambda pa: (pa[0], pa[1] != "none", pa[1]))
+        for c, (path, method) in enumerate(order):
+            label, accs = f"{path}, {method}", curves[(path, method)]
             mean = [100 * sum(col) / len(col) for col in zip(*accs, strict=True)]
             ax.plot(ts, mean, color=f"C{c % 10}", label=label)
         ax.set_xlabel("position on the path t (0: A, 1: B)")
