@@ -19,7 +19,7 @@ import torch
 
 import modeconn as mc
 
-EPOCHS = int(os.environ.get("BENCH_SWEEP_EPOCHS", "16"))  # ~10 s cells on an idle core
+EPOCHS = int(os.environ.get("BENCH_SWEEP_EPOCHS", "48"))  # ~10 s cells on an idle core
 GRID = {
     "data": "mnist1d",
     "model": "mlp",
