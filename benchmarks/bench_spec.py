@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import modeconn as mc
-from modeconn._src.infer import _Analysis
-from modeconn._src.trace import trace_model
+from modeconn._src.symmetry.emit import emit_spec
+from modeconn._src.symmetry.tracer import trace_model
+from modeconn._src.symmetry.walk import Walk
 
 
 class ResBlock(nn.Module):
@@ -56,9 +57,9 @@ def _report(name: str, model: nn.Module, x: torch.Tensor, blocks: int) -> None:
     tr = trace_model(model, x)
 
     def analyse() -> None:
-        an = _Analysis(model, tr, warn=False)
+        an = Walk(model, tr, warn=False)
         an.run()
-        an.finish()
+        emit_spec(an)
 
     an_t = _time(analyse)
     total_nv = _time(lambda: mc.infer_spec(model, x, verify=False))
@@ -74,9 +75,76 @@ def _report(name: str, model: nn.Module, x: torch.Tensor, blocks: int) -> None:
     )
 
 
+def matrix() -> None:
+    """``infer_spec`` time per transformers family of the acceptance matrix (tests/hf_zoo.py),
+    as a multiple of one forward pass, and default weight matching's time to recover a planted
+    permutation (skipped without transformers)."""
+    try:
+        import transformers as hf
+    except ImportError:
+        print("matrix: transformers not installed, skipped")
+        return
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from hf_zoo import FAMILIES, coverage, randomize
+
+    print(f"{'family':13s} {'infer_spec':>10s} {'x fwd':>6s} {'verify':>7s} {'groups':>6s} "
+          f"{'attn':>4s} {'cover':>6s} {'wm s':>6s} recovered")  # fmt: skip
+    for f in FAMILIES:
+        try:
+            torch.manual_seed(0)
+            model, x = f.build(hf)
+            model = randomize(model.eval())
+            with torch.no_grad():
+                fwd = _time(lambda m=model, x=x: m(**x))
+            t_inf = _time(
+                lambda m=model, x=x: mc.infer_spec(m, x, verify=False, warn=False), repeats=2
+            )
+            t_ver = _time(lambda m=model, x=x: mc.infer_spec(m, x, warn=False), repeats=1)
+            spec = mc.infer_spec(model, x, verify=False, warn=False)
+            state = model.state_dict()
+            b = mc.apply_permutation(spec, mc.random_permutation(spec, seed=1), state)
+            t = time.perf_counter()
+            got = mc.weight_matching(spec, state, b)
+            t_wm = time.perf_counter() - t
+            back = mc.apply_permutation(spec, got, b)
+            ok = all(torch.equal(back[k], state[k]) for k in spec.params())
+            print(
+                f"{f.name:13s} {t_inf:9.3f}s {t_inf / fwd:6.0f} {t_ver:6.3f}s "
+                f"{len(spec.groups):6d} {len(spec.heads):4d} {coverage(spec, model):6.4f} "
+                f"{t_wm:6.3f} {ok}",
+                flush=True,
+            )
+        except Exception as e:  # noqa: BLE001 -- a benchmark row, not a test
+            print(f"{f.name:13s} error: {type(e).__name__}: {e}"[:120])
+
+
+def heads_solver() -> None:
+    """The heads-structured assignment (``solve_assignment(score, heads)``) against a plain
+    Hungarian on the same score, for MHA, GQA (exact: R! <= 24; alternation: R = 8) and MQA."""
+    for H, G, d in [(12, 12, 64), (16, 4, 64), (16, 2, 32), (8, 1, 64)]:
+        if G == H:
+            heads, n = mc.Heads(H, ((0, d), (H * d, d))), 2 * H * d
+        else:
+            k0 = 2 * H * d
+            heads = mc.Heads(H, ((0, d), (H * d, d)), G, ((k0, d), (k0 + G * d, d)), (0, 1))
+            n = k0 + 2 * G * d
+        score = torch.randn(n, n, dtype=torch.float64)
+        t_heads = _time(lambda s=score, h=heads: mc.solve_assignment(s, h), repeats=1)
+        t_plain = _time(lambda s=score: mc.solve_assignment(s), repeats=1)
+        print(
+            f"heads solver H={H} G={G} d={d} (n={n}): {t_heads:.3f} s, "
+            f"{t_heads / t_plain:.2f}x a plain Hungarian"
+        )
+
+
 def main() -> None:
     torch.set_num_threads(1)  # small models: threads only add noise on a shared machine
     torch.manual_seed(0)
+    heads_solver()
+    matrix()
     _report("50-block residual CNN (16 ch, 8x8)", ResNet50Blocks(), torch.randn(2, 3, 8, 8), 50)
     model = mc.models.create(
         "transformer", input_shape=(64,), num_classes=10, dim=64, depth=12, num_heads=4

@@ -7,9 +7,7 @@ hide a wrong slot); outputs are compared in eval and train mode; the spec infere
 
 from __future__ import annotations
 
-import copy
 import math
-import warnings
 
 import pytest
 import torch
@@ -17,97 +15,17 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
-from torch.func import functional_call
 
 import modeconn as mc
 import modeconn.models  # noqa: F401
 from modeconn._src.errors import SpecError
-
-
-# --------------------------------------------------------------------------------------------
-# helpers
-# --------------------------------------------------------------------------------------------
-def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
-    """A copy with noise on every float parameter and buffer (running_var kept positive)."""
-    model = copy.deepcopy(model)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-            if not t.is_floating_point():
-                continue
-            noise = torch.randn(t.shape, generator=g)
-            if name.endswith("running_var"):
-                t.mul_(torch.exp(0.3 * noise))
-            else:
-                t.add_(0.3 * noise)
-    return model
-
-
-def outputs(model: nn.Module, state: dict, inputs, *, train: bool) -> list[torch.Tensor]:
-    model.train(train)
-    state = {k: v.clone() for k, v in state.items()}  # train-mode BN updates its buffers
-    kwargs = inputs if isinstance(inputs, dict) else None
-    args = () if kwargs is not None else (inputs if isinstance(inputs, tuple) else (inputs,))
-    torch.manual_seed(0)
-    with torch.no_grad():
-        out = functional_call(model, state, args, kwargs or {}, tie_weights=False)
-    if hasattr(out, "to_tuple"):
-        out = out.to_tuple()
-    if isinstance(out, torch.Tensor):
-        out = (out,)
-    return [o for o in out if isinstance(o, torch.Tensor) and o.is_floating_point()]
-
-
-def assert_symmetry(model: nn.Module, inputs, spec: mc.PermutationSpec, *, seeds=(0, 1)) -> None:
-    """A random permutation changes the weights but not the outputs (eval and train mode)."""
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    spec.check(state)
-    assert spec.groups, "no permutation group found"
-    for seed in seeds:
-        perm = mc.random_permutation(spec, seed=seed)
-        while all(torch.equal(p, torch.arange(len(p))) for p in perm.values()):
-            seed += 1000  # tiny groups: skip the identity
-            perm = mc.random_permutation(spec, seed=seed)
-        mc.check_permutation(spec, perm)
-        permuted = mc.apply_permutation(spec, perm, state)
-        changed = [k for k in spec.params() if not torch.equal(permuted[k], state[k])]
-        assert changed, "the permutation changed no weight (vacuous test)"
-        for train in (False, True):
-            ref = outputs(copy.deepcopy(model), dict(state), inputs, train=train)
-            got = outputs(copy.deepcopy(model), permuted, inputs, train=train)
-            assert ref, "the model returned no float tensor"
-            for a, b in zip(ref, got, strict=True):
-                diff = (a - b).abs().max().item()
-                assert diff <= 1e-5 * max(1.0, a.abs().max().item()), (
-                    f"outputs differ by {diff} (train={train}, seed={seed})"
-                )
-        back = mc.apply_permutation(spec, mc.inverse_permutation(perm), permuted)
-        assert all(torch.equal(back[k], state[k]) for k in state)
-
-
-def covered(spec: mc.PermutationSpec, state: dict, param: str, axis: int) -> torch.Tensor:
-    """Mask of the positions on ``param``'s ``axis`` some group's slot acts on."""
-    mask = torch.zeros(state[param].shape[axis], dtype=torch.bool)
-    for g, s in spec.slots_of(param):
-        if s.axis == axis:
-            mask[s.positions(spec.groups[g]).flatten()] = True
-    return mask
-
-
-def assert_hidden_covered(model: nn.Module, spec: mc.PermutationSpec, skip: set[str]) -> None:
-    """Every Linear/Conv output unit (except the final layers in ``skip``) is in some group."""
-    state = model.state_dict()
-    for name, m in model.named_modules():
-        if isinstance(m, nn.Linear | nn.modules.conv._ConvNd) and name not in skip:
-            mask = covered(spec, state, f"{name}.weight", 0)
-            assert mask.all(), f"{name}: {int((~mask).sum())} output units in no group"
-
-
-def infer(model, x, **kw) -> mc.PermutationSpec:
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # a clean model must not warn
-        return mc.infer_spec(model, x, verify=False, **kw)
-
+from symmetry_helpers import (  # noqa: E402 (tests/ is on sys.path under pytest)
+    assert_hidden_covered,
+    assert_symmetry,
+    covered,
+    infer,
+    randomize,
+)
 
 # --------------------------------------------------------------------------------------------
 # the zoo: a contract over every registered model
@@ -549,7 +467,7 @@ def test_untraceable_model_raises_spec_error_naming_the_fix():
 
 
 def test_verification_drops_a_wrong_group():
-    from modeconn._src import infer as infer_mod
+    from modeconn._src.symmetry.verify import verify_spec
 
     model = randomize(
         nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 2))
@@ -561,7 +479,7 @@ def test_verification_drops_a_wrong_group():
         slots={**good.slots, "bad": (mc.Slot("2.bias", 0),)},  # a bias alone: breaks the function
     )
     with pytest.warns(UserWarning, match="bad"):
-        fixed = infer_mod._verify(model, wrong, {"input": x}, warn=True)
+        fixed = verify_spec(model, wrong, {"input": x}, warn=True)
     assert set(fixed.groups) == set(good.groups)
 
 
@@ -948,13 +866,16 @@ USER_CASES = {
         (2, 5, 3),
         {"stream": 8, "j": 6, "att": 16},
     ),
-    "attention_rotary": (lambda: _make_attention("rope"), (2, 6, 5), {"stream": 12, "q": 3}),
+    # 3 heads: rotary q/k dims move as one block per head (1 unit), v dims (4) freely
+    "attention_rotary": (lambda: _make_attention("rope"), (2, 6, 5), {"stream": 12, "q": 15}),
+    # 3 heads x (4 q/k dims + 4 v dims + 1 relative-bias table column)
     "attention_relative_bias": (
         lambda: _make_attention("relbias"),
         (2, 6, 5),
-        {"stream": 12, "q": 3},
+        {"stream": 12, "q": 27},
     ),
-    "attention_multi_query": (lambda: _make_attention("mqa"), (2, 6, 5), {"stream": 12, "q": 3}),
+    # multi-query: query heads, their q dims, the shared k/v dims
+    "attention_multi_query": (lambda: _make_attention("mqa"), (2, 6, 5), {"stream": 12, "q": 32}),
 }
 
 
@@ -974,12 +895,12 @@ def test_user_written_models_keep_their_function(case):
 
 
 def test_rotary_attention_keeps_one_head_permutation_for_qk_and_v():
-    """Rotary q/k dims are pinned; the heads of q/k and of v must still move together (one group),
-    not as a plain q/k head group plus an independent v heads group."""
+    """Rotary q/k dims are pinned inside a head (one block per head); the heads of q/k and of v
+    must still move together (one heads group), not as two independent head groups."""
     model = randomize(_make_attention("rope"))
     spec = infer(model, torch.randn(2, 6, 5))
-    assert not spec.heads
     (g,) = [g for g in spec.groups if g != "stream"]
+    assert spec.heads[g].num_heads == 3
     params = {s.param for s in spec.slots[g]}
     assert {"q.weight", "k.weight", "v.weight", "o.weight"} <= params
 
@@ -1032,6 +953,6 @@ def test_parametrized_weights_are_pinned_with_a_warning():
             nn.Linear(6, 2),
         )
     )
-    with pytest.warns(UserWarning, match=r"module '2' .*weight is computed"):
+    with pytest.warns(UserWarning, match=r"ParametrizedLinear '2'.*weight is computed"):
         spec = mc.infer_spec(model, torch.randn(4, 3), verify=False)
     assert spec.groups == {}

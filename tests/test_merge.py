@@ -374,11 +374,15 @@ def test_ties_trim_over_the_whole_task_vector():
     # task 0: big entries in u, small in v; task 1: small in u, big in v
     t0 = {"u": torch.tensor([4.0, -3.0, 0.1, 0.2]), "v": torch.tensor([0.3, -0.4])}
     t1 = {"u": torch.tensor([0.1, 0.2, -0.3, 0.1]), "v": torch.tensor([5.0, 6.0])}
-    # model-wide top 50% (3 of 6 entries): t0 keeps u0, u1, v1 (|-0.4|); t1 keeps u2 (0.3), v0, v1
+    # model-wide, the TIES code's count: k = int(0.5 * 6) = 3, threshold = the (6 - 3)-th smallest
+    # |tau|, keep |tau| >= it (4 entries): t0 (th 0.3) keeps u0, u1, v0, v1; t1 (th 0.2) keeps
+    # u1, u2, v0, v1
     out = merge([t0, t1], method="ties", base=base, density=0.5, trim="model")
-    # signs: u [+, -, -, 0], v [+, + (6 - 0.4)]; disjoint mean
+    # sums u [4, -2.8, -0.3, 0], v [5.3, 5.6]: signs u [+, -, -, 0 -> majority +], v [+, +];
+    # disjoint mean: u1 = -3 (t1's +0.2 disagrees), v0 = (0.3 + 5) / 2, v1 = 6 (t0 disagrees)
     assert out["u"].tolist() == pytest.approx([4.0, -3.0, -0.3, 0.0])
-    assert out["v"].tolist() == pytest.approx([5.0, 6.0])
+    assert out["v"].tolist() == pytest.approx([2.65, 6.0])
+    assert out.info["ties_thresholds"] == pytest.approx([0.3, 0.2])
     per_tensor = merge([t0, t1], method="ties", base=base, density=0.5)
     # per tensor: u keeps 2 of 4 per task (t0: u0, u1; t1: u2, u1), v keeps 1 of 2 (v1, v1)
     assert per_tensor["u"].tolist() == pytest.approx([4.0, -3.0, -0.3, 0.0])

@@ -37,10 +37,11 @@ from ._src.assign import solve_assignment
 from . import data, models
 from ._src.adversarial import PGDConfig, pgd_attack, robust_evaluate
 from ._src.io import Checkpoint, load_checkpoint, load_model, save_checkpoint
+from ._src.hf import permute_checkpoint, save_model_folder
 from ._src.train import TrainResult, train
 
 # --- symmetry: spec inference ----------------------------------------------------------------
-from ._src.infer import capture_sites, infer_spec
+from ._src.symmetry import capture_sites, infer_spec, register_rule
 
 # --- alignment ---------------------------------------------------------------------------------
 from ._src.align import align, align_states, aligner_names, merge_many, register_aligner
@@ -64,8 +65,14 @@ from ._src import landscape
 from ._src.paths.ensemble import EnsembleResult, curve_ensemble, evaluate_ensemble, fge
 from ._src.paths.pam import pam_align
 
+# --- the rest of the field (issue 12): SWA, instability, AutoNEB, simplexes, subspaces ---------
+from ._src.swa import swa
+from ._src.instability import InstabilityResult, instability
+from ._src.paths import Simplex, autoneb, fit_simplex, fit_subspace, simplex_ensemble
+
 # --- merging ---------------------------------------------------------------------------------
-from ._src.merge import MergedState, MergeRecipe, merge, merge_methods
+from ._src.merge import MergedState, MergeRecipe, merge, merge_files, merge_methods
+from ._src.merge import streaming_methods
 
 # --- sweeps and reports ----------------------------------------------------------------------
 from ._src import sweep
@@ -86,9 +93,10 @@ __all__ = [
     "random_permutation",
     # foundation: models, data, checkpoints, training, adversarial robustness
     "models", "data", "Checkpoint", "save_checkpoint", "load_checkpoint", "load_model",
+    "save_model_folder", "permute_checkpoint",
     "TrainResult", "train", "PGDConfig", "pgd_attack", "robust_evaluate",
     # symmetry: spec inference
-    "infer_spec", "capture_sites",
+    "infer_spec", "capture_sites", "register_rule",
     # alignment
     "align", "align_states", "aligner_names", "register_aligner", "weight_matching",
     "weight_objective", "activation_matching", "ste_matching", "sinkhorn_matching", "merge_many",
@@ -97,8 +105,11 @@ __all__ = [
     "LinearPath", "BezierCurve", "PolyChain", "PathEvaluation", "fit_curve", "evaluate_path",
     "load_path", "plot_paths", "pam_align", "landscape", "EnsembleResult", "curve_ensemble",
     "evaluate_ensemble", "fge",
+    # the rest of the field: SWA, instability, AutoNEB, simplexes, subspaces
+    "swa", "instability", "InstabilityResult", "autoneb", "Simplex", "fit_simplex",
+    "simplex_ensemble", "fit_subspace",
     # merging
-    "merge", "merge_methods", "MergedState", "MergeRecipe",
+    "merge", "merge_methods", "MergedState", "MergeRecipe", "merge_files", "streaming_methods",
     # sweeps and reports
     "sweep", "write_report",
 ]  # fmt: skip

@@ -208,14 +208,17 @@ class Checkpoint:
     """Weights and metadata read by :func:`load_checkpoint`.
 
     Attributes:
-        state: the state dict (CPU tensors).
+        state: the state dict (CPU tensors; from safetensors a read-only mapping that reads each
+            tensor when it is accessed).
         meta: the metadata (``{}`` for a checkpoint not written by modeconn).
         path: where it was read from.
+        folder: read from a Hugging Face model folder (``build()`` gives the transformers model).
     """
 
-    state: dict[str, Any]
+    state: Mapping[str, Any]
     meta: dict[str, Any] = field(default_factory=dict)
     path: str = ""
+    folder: bool = False
 
     @property
     def model_name(self) -> str | None:
@@ -241,6 +244,13 @@ class Checkpoint:
         from ..models import resolve
         from .errors import CheckpointError
 
+        if self.folder:
+            from .hf import build_model
+            from .lazy import LazyState
+
+            net = build_model(self.path, None if isinstance(self.state, LazyState) else self.state)
+            net.modeconn_meta = self.meta
+            return net
         recorded = self.meta.get("model") if isinstance(self.meta.get("model"), Mapping) else None
         name = model or (recorded or {}).get("name")
         if not name or not isinstance(name, str):
@@ -305,23 +315,14 @@ def load_state_into(model: Any, state: Mapping[str, Any], *, where: str = "check
 def _load_safetensors(p: Path) -> Checkpoint:
     import json
 
-    from safetensors import safe_open
-
     from .errors import CheckpointError
+    from .lazy import LazyState
 
-    try:
-        with safe_open(str(p), framework="pt", device="cpu") as f:
-            header = f.metadata() or {}
-            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no iter
-    except Exception as e:  # noqa: BLE001 - any parse failure means corrupt/truncated
-        raise CheckpointError(
-            f"cannot read checkpoint {str(p)!r}: not a valid safetensors file (corrupt or "
-            f"truncated?): {str(e).splitlines()[0] if str(e) else type(e).__name__}"
-        ) from None
+    state = LazyState.open(p)  # the header now, each tensor when it is used
     meta: dict[str, Any] = {}
-    if _META_KEY in header:
+    if _META_KEY in state.metadata:
         try:
-            meta = json.loads(header[_META_KEY])
+            meta = json.loads(state.metadata[_META_KEY])
         except ValueError:
             raise CheckpointError(f"checkpoint {str(p)!r} has corrupt modeconn metadata") from None
     return Checkpoint(state, meta, str(p))
@@ -386,8 +387,10 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     executed. Missing, corrupt or truncated files raise :class:`CheckpointError`.
 
     Args:
-        path: a ``.safetensors`` file (modeconn's format) or a ``.pt``/``.pth``/``.bin``/
-            ``.ckpt`` file holding a state dict (optionally under ``"state_dict"``).
+        path: a ``.safetensors`` file (modeconn's format), a ``.pt``/``.pth``/``.bin``/
+            ``.ckpt`` file holding a state dict (optionally under ``"state_dict"``), or a local
+            Hugging Face model folder (``config.json`` + ``model.safetensors`` or a sharded
+            index; read lazily, ``build()`` gives the transformers model, nothing is fetched).
 
     Returns:
         :class:`Checkpoint` with ``.state``, ``.meta`` and ``.build()``.
@@ -401,6 +404,10 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     from .errors import CheckpointError
 
     p = Path(path)
+    if p.is_dir():
+        from .hf import open_folder
+
+        return Checkpoint(open_folder(p), {}, str(p), folder=True)
     if not p.is_file():
         raise CheckpointError(
             f"checkpoint {str(p)!r} does not exist"

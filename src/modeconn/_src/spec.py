@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from .errors import SpecError
+from .heads import Heads, assemble, decompose, random_moves
 
 State = dict[str, Tensor]
 
@@ -93,20 +94,6 @@ class Site:
     length: int | None = None
 
 
-@dataclass(frozen=True)
-class Heads:
-    """Attention structure of a group: ``num_heads`` heads over one or more segments.
-
-    A segment ``(start, head_dim)`` holds units ``start + h * head_dim + i``
-    (head ``h``, dim ``i``).
-    A valid permutation moves head ``h`` to one head ``pi(h)`` in *every* segment (q/k and v share
-    the head permutation) and permutes the dims inside each head and segment freely.
-    """
-
-    num_heads: int
-    segments: tuple[tuple[int, int], ...]
-
-
 @dataclass
 class PermutationSpec:
     """The permutation symmetry of a network.
@@ -130,6 +117,8 @@ class PermutationSpec:
     slots: dict[str, tuple[Slot, ...]]
     sites: dict[str, tuple[Site, ...]] = field(default_factory=dict)
     heads: dict[str, Heads] = field(default_factory=dict)
+    # --- pin reasons (symmetry-core): {param: {axis: why no group permutes it}} -------------
+    pins: dict[str, dict[int, str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.slots = {g: tuple(s) for g, s in self.slots.items()}
@@ -144,9 +133,11 @@ class PermutationSpec:
                 if s.unit_start < 0 or s.unit_start + s.n_units(size) > size:
                     raise SpecError(f"slot {s} of group {g!r} carries units outside 0..{size - 1}")
         for g, h in self.heads.items():
-            for start, d in h.segments:
-                if start < 0 or start + h.num_heads * d > self.groups[g]:
-                    raise SpecError(f"heads segment ({start}, {d}) of {g!r} exceeds its size")
+            if h.extent() > self.groups[g]:
+                raise SpecError(f"heads of {g!r} cover {h.extent()} units; the group has fewer")
+            ranges = sorted(h.unit_ranges())
+            if any(b[0] < a[1] for a, b in zip(ranges, ranges[1:], strict=False)):
+                raise SpecError(f"heads segments of {g!r} overlap")
 
     # --- queries ---------------------------------------------------------------------------
     def params(self) -> set[str]:
@@ -198,10 +189,9 @@ class PermutationSpec:
             "groups": dict(self.groups),
             "slots": {g: [_compact(asdict(s)) for s in ss] for g, ss in self.slots.items()},
             "sites": {g: [_compact(asdict(s)) for s in ss] for g, ss in self.sites.items()},
-            "heads": {
-                g: {"num_heads": h.num_heads, "segments": [list(x) for x in h.segments]}
-                for g, h in self.heads.items()
-            },
+            "heads": {g: h.to_dict() for g, h in self.heads.items()},
+            **({"pins": {p: {str(a): w for a, w in ax.items()} for p, ax in self.pins.items()}}
+               if self.pins else {}),  # fmt: skip
         }
 
     @classmethod
@@ -218,9 +208,10 @@ class PermutationSpec:
                 groups={str(k): int(v) for k, v in d["groups"].items()},
                 slots={g: tuple(Slot(**s) for s in ss) for g, ss in d.get("slots", {}).items()},
                 sites={g: tuple(Site(**s) for s in ss) for g, ss in d.get("sites", {}).items()},
-                heads={
-                    g: Heads(int(h["num_heads"]), tuple(tuple(x) for x in h["segments"]))
-                    for g, h in d.get("heads", {}).items()
+                heads={g: Heads.from_dict(h) for g, h in d.get("heads", {}).items()},
+                pins={
+                    p: {int(a): str(why) for a, why in ax.items()}
+                    for p, ax in d.get("pins", {}).items()
                 },
             )
         except (KeyError, TypeError, ValueError) as e:
@@ -265,7 +256,8 @@ class PermutationSpec:
 
     # --- display ---------------------------------------------------------------------------
     def table(self) -> Any:
-        """A ``rich.table.Table`` listing each group, its size and the tensors it acts on."""
+        """A ``rich.table.Table``: each group, its size and the tensors it acts on; then every
+        pinned tensor axis of an inferred spec and what pinned it (``spec.pins``)."""
         from rich.table import Table
 
         tab = Table(
@@ -283,8 +275,11 @@ class PermutationSpec:
                     if v != (0 if k == "offset" else 1)
                 )
                 parts.append(f"{s.param}[{s.axis}]{extra}")
-            label = g + (f" ({self.heads[g].num_heads} heads)" if g in self.heads else "")
+            label = g + (f" ({self.heads[g].describe()})" if g in self.heads else "")
             tab.add_row(label, str(size), ", ".join(parts))
+        for param, axes in self.pins.items():  # pin reasons (symmetry-core)
+            for axis, why in sorted(axes.items()):
+                tab.add_row("[dim]pinned[/dim]", "", f"{param}[{axis}]: {why}")
         return tab
 
     def __rich__(self) -> Any:
@@ -338,9 +333,7 @@ def unit_classes(spec: PermutationSpec, group: str) -> Tensor | None:
         [1, 1, 0, 0]
     """
     size = spec.groups[group]
-    partial = [
-        s for s in spec.slots.get(group, ()) if s.unit_start != 0 or s.n_units(size) != size
-    ]
+    partial = [s for s in spec.slots.get(group, ()) if s.unit_start != 0 or s.n_units(size) != size]
     if not partial:
         return None
     sig = torch.zeros(size, len(partial), dtype=torch.long)
@@ -370,7 +363,7 @@ def random_permutation(spec: PermutationSpec, seed: int = 0) -> Permutation:
     for g, n in spec.groups.items():
         labels = None if g in spec.heads else unit_classes(spec, g)
         if g in spec.heads:
-            out[g] = _random_heads(n, spec.heads[g], gen)
+            out[g] = assemble(spec.heads[g], random_moves(spec.heads[g], gen), n)
         elif labels is None:
             out[g] = torch.randperm(n, generator=gen)
         else:
@@ -380,17 +373,6 @@ def random_permutation(spec: PermutationSpec, seed: int = 0) -> Permutation:
                 p[idx] = idx[torch.randperm(len(idx), generator=gen)]
             out[g] = p
     return out
-
-
-def _random_heads(n: int, heads: Heads, gen: torch.Generator) -> Tensor:
-    p = torch.arange(n)
-    pi = torch.randperm(heads.num_heads, generator=gen)
-    for start, d in heads.segments:
-        for h in range(heads.num_heads):
-            dst = start + h * d
-            src = start + int(pi[h]) * d
-            p[dst : dst + d] = src + torch.randperm(d, generator=gen)
-    return p
 
 
 def inverse_permutation(perm: Mapping[str, Tensor]) -> Permutation:
@@ -431,23 +413,10 @@ def check_permutation(spec: PermutationSpec, perm: Mapping[str, Tensor]) -> None
                 "carries part of the group"
             )
         if g in spec.heads:
-            h = spec.heads[g]
-            head_perm = None
-            for start, d in h.segments:
-                blocks = p[start : start + h.num_heads * d].view(h.num_heads, d)
-                src = (blocks - start) // d
-                if (
-                    not (src == src[:, :1]).all()
-                    or (blocks < start).any()
-                    or (src >= h.num_heads).any()
-                ):
-                    raise SpecError(f"permutation of attention group {g!r} splits a head")
-                if head_perm is None:
-                    head_perm = src[:, 0]
-                elif not torch.equal(src[:, 0], head_perm):
-                    raise SpecError(
-                        f"permutation of attention group {g!r} moves q/k and v heads differently"
-                    )
+            try:
+                decompose(spec.heads[g], p)
+            except SpecError as e:
+                raise SpecError(f"attention group {g!r}: {e}") from None
 
 
 def apply_permutation(

@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
+from . import stream
 from .common import (
     DataOpt,
     DeviceOpt,
@@ -56,7 +57,8 @@ def command(
     ] = "weight",
     data: DataOpt = None,
     out: Annotated[
-        Path, typer.Option("--out", "-o", help="Aligned checkpoint of B (.safetensors or .pt).")
+        Path, typer.Option("--out", "-o", help="Aligned checkpoint of B (.safetensors or .pt; "
+                           "a folder when B is a Hugging Face model folder).")
     ] = Path("B_aligned.safetensors"),
     points: Annotated[
         int, typer.Option("--points", help="Points on the linear path for the barrier table.")
@@ -92,7 +94,7 @@ def command(
     from modeconn._src.align.api import get_aligner
     from modeconn._src.errors import ConfigError
 
-    out = check_out_path(out, suffixes=(".safetensors", ".pt", ".pth"))
+    stream.check_out(out, model_b, (".safetensors", ".pt", ".pth"))  # a folder for a folder
     if json_path is not None:
         check_out_path(json_path)
     if points < 2:
@@ -129,7 +131,10 @@ def command(
     info = {k: v for k, v in perm.info.items() if k != "history"}
     meta = dict(getattr(net_b, "modeconn_meta", None) or {})
     meta["alignment"] = {"method": method, "reference": str(model_a), "info": info}
-    mc.save_checkpoint(out, aligned, meta=meta)
+    if stream.is_folder(model_b):
+        mc.save_model_folder(out, aligned.state_dict(), like=model_b)
+    else:
+        mc.save_checkpoint(out, aligned, meta=meta)
 
     result: dict[str, Any] = {"out": str(out), "method": method, "alignment": info}
     if barrier and splits is not None:

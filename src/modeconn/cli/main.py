@@ -54,6 +54,7 @@ def _register(name: str, fn: Callable[..., Any]) -> None:
 from . import align as _align  # noqa: E402
 from . import demo as _demo  # noqa: E402
 from . import merge as _merge  # noqa: E402
+from . import methods as _methods  # noqa: E402
 from . import paths as _paths  # noqa: E402
 from . import spec as _spec  # noqa: E402
 from . import sweep as _sweep  # noqa: E402
@@ -64,6 +65,10 @@ _register("train", _train.command)
 _register("align", _align.command)
 _register("merge", _merge.command)
 _register("spec", _spec.command)
+_register("instability", _methods.instability)
+_register("autoneb", _methods.autoneb)
+_register("simplex", _methods.simplex)
+_register("subspace", _methods.subspace)
 _register("interpolate", _paths.interpolate)
 _register("curve", _paths.curve)
 _register("evaluate", _paths.evaluate)

@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
+from . import stream
 from .common import (
     DataOpt,
     DeviceOpt,
@@ -97,7 +98,10 @@ def command(
     """Merge checkpoints into one and print each input's test loss/accuracy next to the merged one.
 
     The data's train split feeds Fisher, RegMean, the greedy soup's selection, activation
-    alignment and the BN reset; the test split gives the table.
+    alignment and the BN reset; the test split gives the table. Per-tensor methods (average,
+    task_arithmetic, ties, dare, slerp, ...) without --align/--reset-bn/--repair are streamed
+    tensor by tensor (mc.merge_files), so models larger than memory merge; Hugging Face model
+    folders in give a model folder out.
 
     Example: `modeconn merge a.safetensors b.safetensors --method ties --base pre.safetensors
     --out m.safetensors`
@@ -137,10 +141,10 @@ def command(
             )
         if out is None:
             raise ConfigError("give --out merged.safetensors (where to write the merged model)")
-        check_out_path(out, suffixes=_SUFFIXES)
+        stream.check_out(out, models[0], _SUFFIXES)  # a folder for model folders
         name = method or "average"
         get_method(name)  # unknown method: one line listing the methods, before any work
-        if data is None:
+        if data is None and not stream.is_folder(models[0]):
             data = _recorded_data(models[0])
         w = _weights(weights)
         if w is not None and len(w) != len(models):
@@ -164,9 +168,18 @@ def command(
         }, "options")
     if recipe.out is None:
         raise ConfigError("the recipe has no out: and no --out was given")
-    check_out_path(recipe.out, suffixes=_SUFFIXES)
+    inputs = [Path(e.path) for e in recipe.models]
+    stream.check_out(Path(recipe.out), inputs[0], _SUFFIXES)
     if json_path is not None:
         check_out_path(json_path)
+    if stream.streams(recipe.method, inputs, Path(recipe.out), align=recipe.align,
+                      reset_bn=recipe.reset_bn, repair=recipe.repair):
+        stream.run(inputs, Path(recipe.out), method=recipe.method,
+                   base=Path(recipe.base) if recipe.base else None, weights=recipe.weights(),
+                   params=recipe.parameters, data=recipe.data, model=recipe.model,
+                   model_args=recipe.model_kwargs, device=recipe.device, json_path=json_path,
+                   progress=progress)
+        return
 
     run = run_recipe(recipe, progress=progress)
     if run.rows:

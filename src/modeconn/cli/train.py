@@ -48,7 +48,15 @@ def command(
     seed: SeedOpt = 0,
     epochs: Annotated[int, typer.Option(help="Passes over the training data.")] = 40,
     lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 0.1,
-    optimizer: Annotated[str, typer.Option(help="sgd, adam or adamw.")] = "sgd",
+    optimizer: Annotated[
+        str, typer.Option(help="sgd, adam, adamw or sam (sharpness-aware, Foret et al. 2021).")
+    ] = "sgd",
+    sam_rho: Annotated[float, typer.Option(help="SAM's neighbourhood radius ρ.")] = 0.05,
+    swa_epochs: Annotated[
+        int,
+        typer.Option(help="After training, this many SWA epochs (Izmailov et al. 2018); 0: none."),
+    ] = 0,
+    swa_lr: Annotated[float, typer.Option(help="Constant learning rate of the SWA epochs.")] = 0.05,
     schedule: Annotated[str, typer.Option(help="cosine, constant or step.")] = "cosine",
     momentum: Annotated[float, typer.Option(help="SGD momentum.")] = 0.9,
     weight_decay: Annotated[float, typer.Option(help="Weight decay.")] = 5e-4,
@@ -79,6 +87,10 @@ def command(
     splits = load_data_arg(data)
     net = build_model(model, splits, kwargs, seed=seed)
     pgd = {"eps": eps, "step": pgd_step, "steps": pgd_steps} if adversarial else None
+    if swa_epochs < 0 or (swa_epochs > 0 and not swa_lr > 0):
+        raise mc.ConfigError(
+            f"need --swa-epochs >= 0 and --swa-lr > 0, got {swa_epochs} and {swa_lr}"
+        )
     with on_interrupt("nothing was written (training does not resume); run the command again"):
         result = mc.train(
             net,
@@ -93,17 +105,35 @@ def command(
             seed=seed,
             device=device,
             adversarial=pgd,
+            sam_rho=sam_rho,
             progress=progress,
         )
-    meta = {"data": data, "seed": seed, "train": result.config, "metrics": result.metrics}
-    mc.save_checkpoint(out, result.model, meta=meta)
-    m = result.metrics
+        final = result.model
+        m = dict(result.metrics)
+        config = dict(result.config)
+        if swa_epochs > 0:
+            final = mc.swa(
+                result.model, splits, epochs=swa_epochs, lr=swa_lr, optimizer=optimizer,
+                momentum=momentum, weight_decay=weight_decay, batch_size=batch_size, seed=seed,
+                sam_rho=sam_rho, device=device, adversarial=pgd, progress=progress,
+            )  # fmt: skip
+            config["swa"] = {"epochs": swa_epochs, "lr": swa_lr}
+            for split, part in (("train", splits.train), ("test", splits.test)):
+                ev = mc.evaluate(final, part)
+                m[f"{split}_loss"], m[f"{split}_accuracy"] = ev.loss, ev.accuracy
+            if pgd is not None:
+                r = mc.robust_evaluate(final, splits.test, pgd, seed=seed)
+                m["robust_test_loss"], m["robust_test_accuracy"] = r.loss, r.accuracy
+    meta = {"data": data, "seed": seed, "train": config, "metrics": m}
+    mc.save_checkpoint(out, final, meta=meta)
     rows = [["train", m["train_loss"], m["train_accuracy"]]]
     if "test_loss" in m:
         rows.append(["test", m["test_loss"], m["test_accuracy"]])
     if "robust_test_loss" in m:
         rows.append(["test (PGD)", m["robust_test_loss"], m["robust_test_accuracy"]])
     title = f"{model} on {data}, seed {seed}, {epochs} epochs"
+    if swa_epochs > 0:
+        title += f" + {swa_epochs} SWA epochs"
     print_table(title, ["split", "loss", "accuracy"], rows)
     console.print(f"saved {out} ({m['time_s']:.1f} s)")
     if json_path is not None:

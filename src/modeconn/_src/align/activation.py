@@ -106,7 +106,7 @@ def _capture(
     nodes: list[str],
     state: dict[str, Tensor] | None = None,
 ) -> Mapping[str, Tensor]:
-    from ..infer import capture_sites
+    from ..symmetry import capture_sites
 
     return capture_sites(model, spec, x, nodes=nodes, state=state)
 

@@ -99,7 +99,7 @@ def resolve_spec(
     """``spec`` if given, else ``mc.infer_spec(model, example_inputs or data's first batch)``."""
     if spec is not None:
         return spec
-    from ..infer import infer_spec
+    from ..symmetry import infer_spec
 
     if example_inputs is None and data is not None:
         example_inputs = first_inputs(data)

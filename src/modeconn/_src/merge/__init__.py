@@ -14,6 +14,7 @@ from .recipe import MergeRecipe
 from .regmean import RegMeanMerge, gram_matrices, regmean_solve
 from .slerp import SlerpMerge, slerp
 from .soup import GreedySoupMerge
+from .stream import merge_files, streaming_methods
 from .task_arithmetic import (
     DareParams,
     GeneralizedTaskArithmetic,
@@ -21,8 +22,10 @@ from .task_arithmetic import (
     TiesParams,
     disjoint_merge,
     drop_and_rescale,
+    magnitude_threshold,
     trim_magnitude,
 )
+from .tensorwise import TensorPlan, TensorwiseMerge, kth_smallest_abs
 
 register(AverageMerge(
     "average",
@@ -91,6 +94,8 @@ __all__ = [
     "RegMeanMerge",
     "SlerpMerge",
     "TaskArithmeticParams",
+    "TensorPlan",
+    "TensorwiseMerge",
     "TiesParams",
     "diagonal_fisher",
     "disjoint_merge",
@@ -98,10 +103,14 @@ __all__ = [
     "fisher_weighted_average",
     "get_method",
     "gram_matrices",
+    "kth_smallest_abs",
+    "magnitude_threshold",
     "merge",
+    "merge_files",
     "merge_methods",
     "register",
     "regmean_solve",
     "slerp",
+    "streaming_methods",
     "trim_magnitude",
 ]

@@ -41,11 +41,12 @@ def merge_methods() -> list[str]:
 def _as_state(x: Any, name: str) -> dict[str, Tensor]:
     if isinstance(x, nn.Module):
         return {k: v.detach() for k, v in x.state_dict().items()}
-    if not isinstance(x, Mapping) or not all(isinstance(v, Tensor) for v in x.values()):
+    state = dict(x) if isinstance(x, Mapping) else None  # reads a lazy state once
+    if state is None or not all(isinstance(v, Tensor) for v in state.values()):
         raise ConfigError(
             f"{name} is a {type(x).__name__}; give a state dict (name -> Tensor) or a module"
         )
-    return dict(x)
+    return state
 
 
 def merge(

@@ -7,15 +7,8 @@ from collections.abc import Mapping, Sequence
 from pydantic import Field
 from torch import Tensor
 
-from .base import (
-    MergeInputs,
-    MergeMethod,
-    Params,
-    State,
-    merge_per_tensor,
-    weighted_mean,
-    weighted_sum,
-)
+from .base import MergeInputs, Params, weighted_mean, weighted_sum
+from .tensorwise import TensorPlan, TensorwiseMerge
 
 
 class AverageParams(Params):
@@ -24,7 +17,7 @@ class AverageParams(Params):
     normalize: bool = Field(True, description="divide by the sum of the weights")
 
 
-class AverageMerge(MergeMethod):
+class AverageMerge(TensorwiseMerge):
     """Weighted average of the models, the uniform soup (Wortsman et al., ICML 2022).
 
     ``theta* = sum_i w_i theta_i / sum_i w_i`` (``normalize=False``: ``sum_i w_i theta_i``).
@@ -34,8 +27,8 @@ class AverageMerge(MergeMethod):
 
     Params = AverageParams
 
-    def run(self, states: Sequence[Mapping[str, Tensor]], params: AverageParams,
-            inputs: MergeInputs) -> State:
+    def plan(self, states: Sequence[Mapping[str, Tensor]], params: AverageParams,  # type: ignore[override]
+             inputs: MergeInputs) -> TensorPlan:
         w = inputs.weight_list(len(states))
         combine = weighted_mean if params.normalize else weighted_sum
-        return merge_per_tensor(states, w, lambda k, ts: combine(ts, w))
+        return TensorPlan(lambda k, ts, rows: combine(ts, w), w, elementwise=True)

@@ -113,6 +113,13 @@ class MergeMethod(ABC):
     per-model weights) and ``identity_params`` (the settings under which merging N copies of one
     model returns that model; the registry-driven contract tests use them), and implement
     :meth:`run`.
+
+    ``per_tensor`` declares a data-free method whose output tensor ``k`` depends only on the
+    inputs' tensors ``k`` (plus model-wide pre-passes that read tensor by tensor):
+    ``mc.merge_files`` then streams it from lazily read files. Subclass
+    :class:`~modeconn._src.merge.tensorwise.TensorwiseMerge` (implement ``plan``) to stream
+    tensor by tensor with bounded memory; a plain ``MergeMethod`` with ``per_tensor = True`` is
+    streamed by running :meth:`run` over the lazily read inputs (its output is held once).
     """
 
     Params: ClassVar[type[_BaseParams]] = Params
@@ -121,6 +128,7 @@ class MergeMethod(ABC):
     min_models: ClassVar[int] = 1
     max_models: ClassVar[int | None] = None
     weighted: ClassVar[bool] = True
+    per_tensor: ClassVar[bool] = False
 
     def __init__(self, name: str, reference: Reference, *, summary: str = "",
                  identity_params: Mapping[str, Any] | None = None) -> None:

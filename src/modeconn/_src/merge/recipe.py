@@ -220,7 +220,9 @@ def run_recipe(recipe: MergeRecipe, *, progress: bool = False, write: bool = Tru
         method=recipe.method,
         weights=recipe.weights(),
         base=base_ck.state if base_ck else None,
-        model=model,
+        # a model folder's state omits tied copies its model has: pass the model only when used
+        model=model if not cks[0].folder or recipe.align or recipe.reset_bn or recipe.repair
+        or get_method(recipe.method).needs_data else None,
         data=train,
         align=recipe.align.method if recipe.align else None,
         align_options=recipe.align.options if recipe.align else None,
@@ -245,6 +247,10 @@ def run_recipe(recipe: MergeRecipe, *, progress: bool = False, write: bool = Tru
         meta["model"] = {"name": recipe.model, "kwargs": recipe.model_kwargs}
     elif recorded is not None:
         meta["model"] = recorded
-    if write and recipe.out:
+    if write and recipe.out and cks[0].folder:  # a model folder in, a model folder out
+        from ..hf import save_model_folder
+
+        save_model_folder(recipe.out, merged, like=cks[0].path)
+    elif write and recipe.out:
         save_checkpoint(recipe.out, dict(merged), meta=meta)
     return MergeRun(dict(merged), model, rows, merged.info, recipe.out if write else None)

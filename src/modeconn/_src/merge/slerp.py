@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from pydantic import Field
 from torch import Tensor
 
-from .base import MergeInputs, MergeMethod, Params, State, compute_dtype, merge_per_tensor
+from ..lazy import read_rows
+from .base import MergeInputs, Params, compute_dtype
+from .tensorwise import Rows, TensorPlan, TensorwiseMerge, blocks_of
 
 
 class SlerpParams(Params):
@@ -48,28 +50,61 @@ def slerp(v0: Tensor, v1: Tensor, t: float, dot_threshold: float = 0.9995) -> Te
     """
     dt = compute_dtype(v0)
     a, b = v0.to(dt), v1.to(dt)
+    return slerp_combine(a, b, t, slerp_weights(_sums([(a, b)]), t, dot_threshold))
+
+
+def _sums(pairs: Iterable[tuple[Tensor, Tensor]]) -> tuple[float, float, float]:
+    """``(<a, b>, |a|^2, |b|^2)`` accumulated in float64 over pieces of two tensors."""
+    dot = na2 = nb2 = 0.0
+    for a, b in pairs:
+        x, y = a.reshape(-1).double(), b.reshape(-1).double()
+        dot += float(x @ y)
+        na2 += float(x @ x)
+        nb2 += float(y @ y)
+    return dot, na2, nb2
+
+
+def slerp_weights(sums: tuple[float, float, float], t: float,
+                  dot_threshold: float) -> tuple[float, float] | None:
+    """SLERP's coefficients ``(sin((1-t) Omega) / sin Omega, sin(t Omega) / sin Omega)`` from
+    ``(<a, b>, |a|^2, |b|^2)``; ``None`` where :func:`slerp` lerps (a zero or near-colinear
+    tensor). ``t = 0`` and ``t = 1`` give ``(1, 0)`` and ``(0, 1)``: the endpoints exactly."""
     if t == 0:
-        return a.clone()
+        return 1.0, 0.0
     if t == 1:
-        return b.clone()
-    na, nb = a.norm(), b.norm()
-    if float(na) == 0 or float(nb) == 0:
-        return torch.lerp(a, b, float(t))
-    cos = float((a.flatten() @ b.flatten()) / (na * nb))
+        return 0.0, 1.0
+    dot, na2, nb2 = sums
+    if na2 == 0 or nb2 == 0:
+        return None
+    cos = dot / math.sqrt(na2 * nb2)
     if abs(cos) > dot_threshold:
-        return torch.lerp(a, b, float(t))
+        return None
     omega = math.acos(max(-1.0, min(1.0, cos)))
     s = math.sin(omega)
-    return (math.sin((1 - t) * omega) / s) * a + (math.sin(t * omega) / s) * b
+    return math.sin((1 - t) * omega) / s, math.sin(t * omega) / s
 
 
-class SlerpMerge(MergeMethod):
+def slerp_combine(a: Tensor, b: Tensor, t: float, weights: tuple[float, float] | None) -> Tensor:
+    """``w0 a + w1 b`` (entry-wise, so any row block of the tensors), or ``lerp(a, b, t)``."""
+    if weights is None:
+        return torch.lerp(a, b, float(t))
+    w0, w1 = weights
+    if (w0, w1) == (1.0, 0.0):
+        return a.clone()
+    if (w0, w1) == (0.0, 1.0):
+        return b.clone()
+    return w0 * a + w1 * b
+
+
+class SlerpMerge(TensorwiseMerge):
     """SLERP of two models per tensor (Shoemake 1985; popularised for model merging by mergekit,
     Goddard et al. 2024).
 
     ``theta_k = sin((1-t) Omega_k)/sin Omega_k theta_0k + sin(t Omega_k)/sin Omega_k theta_1k``
-    for every tensor ``k`` with angle ``Omega_k`` between the two models' tensors; lerp for
-    near-colinear or zero tensors; BatchNorm statistics are lerped. Exactly two models; no
+    for every tensor ``k`` with angle ``Omega_k`` between the two models' tensors (its dot
+    product and norms accumulated in float64 over row blocks, then the combination block by
+    block, so a streamed merge holds blocks, not tensors); lerp for near-colinear or zero
+    tensors; BatchNorm statistics are lerped. Exactly two models; no
     weights (``t`` plays their role).
     """
 
@@ -78,9 +113,18 @@ class SlerpMerge(MergeMethod):
     max_models = 2
     weighted = False
 
-    def run(self, states: Sequence[Mapping[str, Tensor]], params: SlerpParams,
-            inputs: MergeInputs) -> State:
+    def plan(self, states: Sequence[Mapping[str, Tensor]], params: SlerpParams,  # type: ignore[override]
+             inputs: MergeInputs) -> TensorPlan:
         t = params.t
-        return merge_per_tensor(
-            states, [1.0 - t, t], lambda k, ts: slerp(ts[0], ts[1], t, params.dot_threshold)
-        )
+        coef: dict[str, tuple[float, float] | None] = {}
+
+        def fn(key: str, ts: list[Tensor], rows: Rows) -> Tensor:
+            dt = compute_dtype(ts[0])
+            if rows is None or rows[0] == 0:  # pre-pass over the tensor: the angle
+                pairs = ((x.to(dt), read_rows(states[1], key, *r).to(dt))
+                         for r, x in blocks_of(states[0], key))
+                coef.clear()
+                coef[key] = slerp_weights(_sums(pairs), t, params.dot_threshold)
+            return slerp_combine(ts[0].to(dt), ts[1].to(dt), t, coef[key])
+
+        return TensorPlan(fn, [1.0 - t, t], elementwise=True)

@@ -78,6 +78,17 @@ class CurveParametrization(nn.Module, abc.ABC):
     def to_path(self, meta: dict[str, Any] | None = None) -> Path:
         """The trained curve as a :class:`Path` (complete state dicts, on CPU)."""
 
+    def draw(self, generator: torch.Generator) -> Any:
+        """The position trained on the next minibatch: ``t ~ U(0, 1)`` (Garipov et al. 2018).
+
+        Override to sample elsewhere (e.g. barycentric coordinates of a simplex, Dirichlet(1)).
+        """
+        return float(torch.rand((), generator=generator, dtype=torch.float64))
+
+    def penalty(self) -> Tensor | float:
+        """A regulariser added to every minibatch's loss (default 0; e.g. a volume term)."""
+        return 0.0
+
 
 class ControlPointCurve(CurveParametrization):
     """A Bezier curve or polygonal chain with trainable control points (Garipov et al. 2018).
@@ -116,7 +127,8 @@ class ControlPointCurve(CurveParametrization):
         frozen_names: Sequence[str] = (),
     ):
         super().__init__()
-        if kind not in COEFFICIENTS:
+        custom = type(self).coefficients is not ControlPointCurve.coefficients
+        if kind not in COEFFICIENTS and not (custom and kind in REGISTRY):
             raise ConfigError(f"unknown curve kind {kind!r}; use one of {sorted(COEFFICIENTS)}")
         if len(points) < 2:
             raise ConfigError(f"a curve needs at least 2 points, got {len(points)}")
@@ -159,9 +171,13 @@ class ControlPointCurve(CurveParametrization):
         """The control points as flat parameter vectors (trainable ones are ``nn.Parameter``)."""
         return [self.free[j] if free else getattr(self, f"fixed{j}") for free, j in self._slots]
 
-    def forward(self, t: float) -> dict[str, Tensor]:
+    def coefficients(self, t: Any) -> Tensor:
+        """``c_i(t)`` of each control point (float64); subclasses may take other positions."""
+        return COEFFICIENTS[self.kind](t, self.num_points)
+
+    def forward(self, t: Any) -> dict[str, Tensor]:
         """``{name: Σ_i c_i(t) θ_i[name]}`` for the model's parameters (differentiable)."""
-        coeffs = COEFFICIENTS[self.kind](t, self.num_points).tolist()
+        coeffs = self.coefficients(t).tolist()
         flat: Tensor | None = None
         for c, v in zip(coeffs, self.vectors(), strict=True):
             if c != 0.0:
@@ -275,8 +291,9 @@ def train_curve(
     """Train ``curve`` in place (Garipov et al., NeurIPS 2018, "Loss Surfaces, Mode Connectivity,
     and Fast Ensembling of DNNs").
 
-    Each minibatch draws ``t ~ U(0, 1)`` and takes an SGD step (momentum, no optimizer weight
-    decay) on ``CE(f(x; θ(t)), y) + ½·wd·‖θ(t)‖²``; the learning rate is ``lr ·
+    Each minibatch draws ``t ~ U(0, 1)`` (``curve.draw``) and takes an SGD step (momentum, no
+    optimizer weight decay) on ``CE(f(x; θ(t)), y) + ½·wd·‖θ(t)‖² + curve.penalty()`` (the
+    penalty is 0 for Garipov curves); the learning rate is ``lr ·
     lr_schedule(epoch, epochs)``. The network runs in train mode (BatchNorm uses batch
     statistics; its buffers are not trained). Randomness (shuffling, t, dropout, PGD starts drawn
     from the global RNG) is seeded per epoch from ``(seed, epoch)`` inside a forked RNG, so the
@@ -355,7 +372,7 @@ def train_curve(
                 torch.manual_seed(es)
                 for x, y in as_loader(data, batch_size=batch_size, shuffle=True, seed=es):
                     x, y = x.to(dev), y.to(dev)
-                    t = float(torch.rand((), generator=t_gen, dtype=torch.float64))
+                    t = curve.draw(t_gen)
                     theta = curve(t)
                     if input_transform is not None:
                         x = input_transform(
@@ -365,7 +382,7 @@ def train_curve(
                     out = torch.func.functional_call(net, theta, (x,))
                     ce = F.cross_entropy(out, y)
                     l2 = sum(v.pow(2).sum() for v in theta.values())
-                    loss = ce + 0.5 * wd * l2
+                    loss = ce + 0.5 * wd * l2 + curve.penalty()
                     if not torch.isfinite(loss):
                         raise ModeconnError(
                             f"curve training diverged at epoch {epoch + 1} (loss {float(loss)}); "
