@@ -260,3 +260,21 @@ def test_summarize_mean_and_sample_std():
         (((1 - 3) ** 2 + (2 - 3) ** 2 + (6 - 3) ** 2) / 2) ** 0.5
     )
     assert s[1]["n"] == 1
+
+
+@pytest.mark.slow
+def test_a_shared_store_reuses_endpoints_across_sweeps(tiny_sweep, run_cli, tmp_path):
+    store = tiny_sweep[0] / "endpoints"
+    before = {p.name: p.stat().st_mtime_ns for p in store.glob("*.safetensors")}
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump({**TINY, "grid": {"width": [8]}, "seeds": [[0, 1]],
+                                    "align": ["none"]}))  # fmt: skip
+    out = tmp_path / "other"
+    code, _, err = run_cli("sweep", grid, "--out", out, "--store", store, "--no-progress")
+    assert code == 0, err
+    assert {p.name: p.stat().st_mtime_ns for p in store.glob("*.safetensors")} == before
+    assert not (out / "endpoints").exists()  # nothing trained: both endpoints were in the store
+    (row,) = mc.sweep.load(out)
+    same = next(r for r in tiny_sweep[1] if (r["width"], r["seed_b"], r["align"]) == (8, 1, "none"))
+    ids = ("cell", "config_hash", "artifact")  # the cell differs (another grid): its id too
+    assert _comparable([row])[0] | {k: same[k] for k in ids} == _comparable([same])[0]

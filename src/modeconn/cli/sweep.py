@@ -96,6 +96,14 @@ def command(
         str | None,
         typer.Option("--data", "-d", help="Allow the grid's 'package.module:function' data."),
     ] = None,
+    store: Annotated[
+        Path | None,
+        typer.Option(
+            "--store",
+            help="Endpoint store folder (default DIR/endpoints); share one "
+            "between sweeps to reuse their endpoints.",
+        ),
+    ] = None,
     threads: Annotated[
         int, typer.Option("--threads", help="Torch threads per task (1: reproducible rows).")
     ] = 1,
@@ -136,7 +144,7 @@ def command(
     with on_interrupt(hint):
         rows = mc.sweep.run(
             target, out, address=address, workers=workers, retry_failed=retry_failed,
-            trusted=trusted, progress=progress, threads=threads, device=device,
+            trusted=trusted, progress=progress, threads=threads, device=device, store=store,
             on_cell=lambda outcome: done.__setitem__(0, done[0] + 1),
         )  # fmt: skip
     st = mc.sweep.status(out)
