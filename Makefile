@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean install
+.PHONY: demo test lint bench clean install docs smoke test-torch
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -22,6 +22,22 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
+	$(BIN)/mkdocs build --strict --quiet --site-dir build/site
+
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict --site-dir build/site
+	@echo "docs: build/site/index.html (or: $(BIN)/mkdocs serve)"
+
+# The wheel without extras in a fresh venv, and the CLI a new user runs first (CI runs this).
+smoke: $(STAMP)
+	.ci/smoke $(BIN)/python
+
+# The test suite on the oldest and newest torch pyproject.toml claims, each in its own venv
+# (heavy: the old torch comes from PyPI with its CUDA wheels, ~3 GB). TORCH_OLD/TORCH_NEW override.
+TORCH_OLD ?= 2.2.2
+TORCH_NEW ?= 2.14.1
+test-torch:
+	.ci/test-torch $(TORCH_OLD) $(TORCH_NEW)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -31,4 +47,4 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks
 
 clean:
-	rm -rf $(VENV) report build *.egg-info src/*.egg-info
+	rm -rf $(VENV) .venv-torch-* report build dist site *.egg-info src/*.egg-info

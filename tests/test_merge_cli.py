@@ -87,8 +87,9 @@ def test_merge_from_a_yaml_recipe(ckpts, tmp_path, _run):
         f"method: regmean\nparameters: {{alpha: 0.5}}\ndata: {ckpts['npz']}\n"
         "out: merged/r.safetensors\n"
     )
-    code, stdout, err = _run(["--config", str(recipe),
-                              "--no-progress"])
+    code, _, err = _run(["--config", str(recipe), "--no-progress"])
+    assert code == 2 and "--mkdir" in err  # a missing folder is created only when asked
+    code, stdout, err = _run(["--config", str(recipe), "--mkdir", "--no-progress"])
     assert code == 0, err
     assert (tmp_path / "merged" / "r.safetensors").is_file()  # relative to the recipe
     assert "regmean" in stdout

@@ -20,7 +20,7 @@ TINY = {
     "data": "digits",
     "model": "mlp",
     "model_args": {"depth": 1},
-    "grid": {"width": [8, 16]},
+    "grid": {"width": [8, 16, 24, 32]},  # 8 cells: enough that a kill lands mid-run
     "seeds": [[0, 1], [0, 2]],  # endpoint seed 0 is shared by the two pairs of a width
     "train": {"epochs": 1},
     "align": ["none", "weight", "activation"],
@@ -62,8 +62,8 @@ def tiny_sweep(ray_cluster, tmp_path_factory):
     [
         ({"align": ["none", "telepathy"]}, "unknown alignment method 'telepathy'"),
         ({"model": "nosuchnet"}, "unknown model 'nosuchnet'"),
-        ({"model": "os:system"}, "pass --model os:system"),
-        ({"data": "evil.mod:load"}, "pass --data evil.mod:load"),
+        ({"model": "os:system"}, "pass --allow-code os:system"),
+        ({"data": "evil.mod:load"}, "pass --allow-code evil.mod:load"),
         ({"paths": ["zigzag"]}, "unknown path kind 'zigzag'"),
         ({"seeds": [[3, 3]]}, "trains the same model twice"),
         ({"seeds": []}, "seeds"),
@@ -86,7 +86,7 @@ def test_bad_grid_is_one_clear_error_before_any_work(tmp_path, change, needle):
 
 
 def tiny_net(input_shape=(1, 8, 8), num_classes=10, width=8, depth=1):
-    """A model factory named by import path (trusted only when the user names it)."""
+    """A model factory named by import path (used only when the user allows it)."""
     return mc.models.create("mlp", input_shape=input_shape, num_classes=num_classes, width=width,
                             depth=depth)  # fmt: skip
 
@@ -95,7 +95,7 @@ def test_an_import_path_model_is_used_only_when_the_user_names_it():
     grid = mc.sweep.load_grid({**TINY, "model": f"{__name__}:tiny_net"})
     with pytest.raises(mc.ConfigError, match="does not run code named in a file"):
         mc.sweep.check_grid(grid)
-    splits = mc.sweep.check_grid(grid, trusted=[f"{__name__}:tiny_net"])
+    splits = mc.sweep.check_grid(grid, allow_code=[f"{__name__}:tiny_net"])
     assert splits.input_shape == (1, 8, 8)
 
 
@@ -123,12 +123,12 @@ def test_without_ray_the_sweep_says_how_to_install(monkeypatch, run_cli, tmp_pat
 @pytest.mark.slow
 def test_tiny_sweep_rows_match_a_direct_evaluation(tiny_sweep):
     out, rows = tiny_sweep
-    assert len(rows) == 2 * 2 * 3  # widths x seed pairs x alignment methods (x 1 path)
+    assert len(rows) == 4 * 2 * 3  # widths x seed pairs x alignment methods (x 1 path)
     assert {(r["width"], r["seed_a"], r["seed_b"]) for r in rows} == {
-        (w, 0, s) for w in (8, 16) for s in (1, 2)
+        (w, 0, s) for w in (8, 16, 24, 32) for s in (1, 2)
     }
-    # shared endpoints are trained once: 3 seeds x 2 widths in the store
-    assert len(list((out / "endpoints").glob("*.safetensors"))) == 6
+    # shared endpoints are trained once: 3 seeds x 4 widths in the store
+    assert len(list((out / "endpoints").glob("*.safetensors"))) == 12
     # oracle: the unaligned row equals evaluate_path on the stored endpoints, test split
     row = next(r for r in rows if r["width"] == 16 and r["seed_b"] == 2 and r["align"] == "none")
     spec = {"model": "mlp", "model_args": {"depth": 1, "width": 16}, "data": "digits",
@@ -148,7 +148,7 @@ def test_tiny_sweep_rows_match_a_direct_evaluation(tiny_sweep):
     assert per_t["accuracy"][0] == pytest.approx(row["a_test_accuracy"])
     assert per_t["accuracy"][-1] == pytest.approx(row["b_test_accuracy"])
     st = mc.sweep.status(out)
-    assert (st["cells"], st["done"], st["failed"], st["missing"]) == (4, 4, 0, 0)
+    assert (st["cells"], st["done"], st["failed"], st["missing"]) == (8, 8, 0, 0)
     # a rerun has nothing to do: the very same rows, timings included
     again = mc.sweep.run(TINY, out, workers=2, progress=False)
     assert again == rows
@@ -196,7 +196,7 @@ def test_ctrl_c_then_kill_9_mid_run_then_rerun_gives_the_same_rows(
     code, _ = _run_then_stop(cmd, out, signal.SIGKILL)  # the same command, killed in turn
     assert code == -signal.SIGKILL
     st = mc.sweep.status(out)
-    assert first < st["done"] < 4  # each run added cells; some are still missing
+    assert first < st["done"] < 8  # each run added cells; some are still missing
     rows = mc.sweep.run(grid, out, workers=2, progress=False)
     assert _comparable(rows) == _comparable(tiny_sweep[1])
     assert mc.sweep.status(out)["missing"] == 0

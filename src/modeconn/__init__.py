@@ -74,6 +74,20 @@ from ._src.paths import Simplex, autoneb, fit_simplex, fit_subspace, simplex_ens
 from ._src.merge import MergedState, MergeRecipe, merge, merge_files, merge_methods
 from ._src.merge import streaming_methods
 
+# --- release: validation, safety and what the CLI needs (it imports only this module) -------
+from ._src.errors import NonFiniteError
+from ._src.optional import MissingExtraError, require
+from ._src.evaluation import model_device, resolve_device
+from ._src.io import atomic_write
+from ._src.io import _json_default as json_default
+from ._src.validate import check_data_fits, check_finite_state, check_model_size
+from ._src.trust import is_import_path, refuse_code
+from ._src.align.api import get_aligner
+from ._src.merge.recipe import MergeRun, run_recipe
+from ._src.paths.curves import curve_kinds
+from ._src.paths.io import PATH_FILENAME
+from ._src.demo import DemoConfig, run_demo
+
 # --- sweeps and reports ----------------------------------------------------------------------
 from ._src import sweep
 from ._src.html_report import write_report
@@ -110,6 +124,12 @@ __all__ = [
     "simplex_ensemble", "fit_subspace",
     # merging
     "merge", "merge_methods", "MergedState", "MergeRecipe", "merge_files", "streaming_methods",
+    # release: validation, safety, CLI support
+    "NonFiniteError", "MissingExtraError", "require", "model_device", "resolve_device",
+    "atomic_write", "json_default",
+    "check_data_fits", "check_finite_state", "check_model_size", "is_import_path", "refuse_code",
+    "get_aligner",
+    "MergeRun", "run_recipe", "curve_kinds", "PATH_FILENAME", "DemoConfig", "run_demo",
     # sweeps and reports
     "sweep", "write_report",
 ]  # fmt: skip

@@ -104,9 +104,11 @@ def _make_splits(
     num_classes: int | None = None,
     meta: dict[str, Any] | None = None,
 ) -> Splits:
-    x_train, x_test, stats = _standardise(
-        np.asarray(x_train, dtype=np.float64), np.asarray(x_test, dtype=np.float64), standardize
-    )
+    x_train, x_test = np.asarray(x_train, dtype=np.float64), np.asarray(x_test, dtype=np.float64)
+    for split, x in (("x_train", x_train), ("x_test", x_test)):
+        if not np.isfinite(x).all():  # modeconn refuses non-finite inputs (README)
+            raise DataError(f"{name}: {split} holds NaN or inf; clean the data first")
+    x_train, x_test, stats = _standardise(x_train, x_test, standardize)
     k = int(max(y_train.max(initial=-1), y_test.max(initial=-1))) + 1
     if num_classes is not None:
         if k > num_classes:

@@ -25,3 +25,13 @@ class DataError(ModeconnError):
 
 class ConfigError(ModeconnError):
     """A configuration (YAML recipe, option combination) is invalid."""
+
+
+class NonFiniteError(ModeconnError):
+    """The work produced NaN or inf (a diverged training, a path whose loss overflows).
+
+    modeconn's one rule for non-finite values: non-finite *inputs* (weights in a checkpoint, data
+    values) are refused when loaded (a :class:`CheckpointError` / :class:`DataError`, exit 2);
+    non-finite *results* are reported as NaN (``null`` in JSON) and end the command with this
+    error, one line on stderr and exit code 1, after the outputs that could be written.
+    """

@@ -108,6 +108,12 @@ _TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
 
 def _json_default(obj: Any) -> Any:
+    """``json.dumps(..., default=)`` hook: tensors, numpy values, paths, sets, pydantic models.
+
+    Example:
+        >>> json.dumps({"w": torch.ones(2)}, default=_json_default)  # doctest: +SKIP
+        '{"w": [1.0, 1.0]}'
+    """
     import numpy as np
     import torch
 
@@ -243,6 +249,7 @@ class Checkpoint:
         """
         from ..models import resolve
         from .errors import CheckpointError
+        from .validate import check_build_fits
 
         if self.folder:
             from .hf import build_model
@@ -270,6 +277,8 @@ class Checkpoint:
         if recorded and recorded.get("name") == name:
             kwargs.update(recorded.get("kwargs") or {})
         kwargs.update(override)
+        # shapes first, on the meta device: metadata asking for an absurd size is refused here
+        check_build_fits(lambda: resolve(name, **kwargs), self.state, where=self.path, name=name)
         net = resolve(name, **kwargs)
         load_state_into(net, self.state, where=self.path)
         net.eval()
@@ -288,27 +297,10 @@ def load_state_into(model: Any, state: Mapping[str, Any], *, where: str = "check
     Example:
         >>> load_state_into(nn.Linear(2, 1), nn.Linear(2, 1).state_dict())  # doctest: +SKIP
     """
-    from .errors import CheckpointError
+    from .validate import state_shapes_fit
 
-    own = model.state_dict()
     name = getattr(model, "modeconn_config", {}).get("name", type(model).__name__)
-    for k, v in own.items():
-        if k not in state:
-            raise CheckpointError(
-                f"checkpoint {where!r} does not fit model {name!r}: it has no tensor {k!r} "
-                "(check --model and its options)"
-            )
-        if tuple(state[k].shape) != tuple(v.shape):
-            raise CheckpointError(
-                f"checkpoint {where!r} does not fit model {name!r}: tensor {k!r} has shape "
-                f"{tuple(state[k].shape)} in the checkpoint but {tuple(v.shape)} in the model"
-            )
-    extra = [k for k in state if k not in own]
-    if extra:
-        raise CheckpointError(
-            f"checkpoint {where!r} does not fit model {name!r}: unexpected tensor {extra[0]!r} "
-            f"({len(extra)} extra; check --model and its options)"
-        )
+    state_shapes_fit(model.state_dict(), state, where=where, name=name)
     model.load_state_dict(dict(state), strict=True)
 
 
@@ -380,17 +372,20 @@ def _load_torch(p: Path) -> Checkpoint:
     return Checkpoint({str(k): v for k, v in obj.items()}, meta, str(p))
 
 
-def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
+def load_checkpoint(path: str | os.PathLike[str], *, finite: bool = True) -> Checkpoint:
     """Read a checkpoint safely: safetensors, or .pt/.pth via ``torch.load(weights_only=True)``.
 
     A pickle that needs arbitrary Python objects (and so could run code) is refused, never
-    executed. Missing, corrupt or truncated files raise :class:`CheckpointError`.
+    executed. Missing, corrupt or truncated files raise :class:`CheckpointError`, and so do
+    weights holding NaN or inf (modeconn refuses non-finite inputs) unless ``finite=False``.
 
     Args:
         path: a ``.safetensors`` file (modeconn's format), a ``.pt``/``.pth``/``.bin``/
             ``.ckpt`` file holding a state dict (optionally under ``"state_dict"``), or a local
             Hugging Face model folder (``config.json`` + ``model.safetensors`` or a sharded
             index; read lazily, ``build()`` gives the transformers model, nothing is fetched).
+        finite: refuse NaN/inf in a floating tensor (default; ``False`` to inspect a diverged
+            run). A folder is read lazily and not scanned.
 
     Returns:
         :class:`Checkpoint` with ``.state``, ``.meta`` and ``.build()``.
@@ -402,6 +397,7 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         (0, 'MLP')
     """
     from .errors import CheckpointError
+    from .validate import check_finite_state
 
     p = Path(path)
     if p.is_dir():
@@ -413,6 +409,15 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
             f"checkpoint {str(p)!r} does not exist"
             + ("" if not p.is_dir() else " (it is a folder)")
         )
+    ck = _read_checkpoint(p)
+    if finite:
+        check_finite_state(ck.state, ck.path)
+    return ck
+
+
+def _read_checkpoint(p: Path) -> Checkpoint:
+    from .errors import CheckpointError
+
     if p.suffix.lower() in _TORCH_SUFFIXES:
         return _load_torch(p)
     try:

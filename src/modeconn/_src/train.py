@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from .adversarial import PGDConfig, _pgd, robust_evaluate
-from .errors import ConfigError, ModeconnError
+from .errors import ConfigError, NonFiniteError
 from .evaluation import DataLike, as_loader, evaluate, model_device, resolve_device
 from .progress import progress_bar
 
@@ -45,8 +45,8 @@ class TrainResult:
     config: dict[str, Any] = field(default_factory=dict)
 
 
-class DivergedError(ModeconnError):
-    """Training produced a non-finite loss."""
+class DivergedError(NonFiniteError):
+    """Training produced a non-finite loss (the non-finite rule: a result, exit code 1)."""
 
 
 def _split_data(data: Any, test_data: Any) -> tuple[Any, Any]:

@@ -9,17 +9,20 @@ import typer
 
 from . import stream
 from .common import (
+    CHECKPOINT_SUFFIXES,
     DataOpt,
     DeviceOpt,
     JsonOpt,
+    MkdirOpt,
     ModelArgsOpt,
     ModelOpt,
     ProgressOpt,
     SeedOpt,
-    check_out_path,
+    check_finite_losses,
     console,
     load_data_arg,
     load_model_arg,
+    load_spec_arg,
     print_table,
     write_json,
 )
@@ -83,6 +86,7 @@ def command(
     seed: SeedOpt = 0,
     device: DeviceOpt = None,
     json_path: JsonOpt = None,
+    mkdir: MkdirOpt = False,
     progress: ProgressOpt = True,
 ) -> None:
     """Align checkpoint B to checkpoint A (B's function is unchanged) and save the result.
@@ -91,12 +95,12 @@ def command(
     alignment (BatchNorm statistics are recomputed at every point).
     """
     import modeconn as mc
-    from modeconn._src.align.api import get_aligner
-    from modeconn._src.errors import ConfigError
+    from modeconn import ConfigError, get_aligner
 
-    stream.check_out(out, model_b, (".safetensors", ".pt", ".pth"))  # a folder for a folder
-    if json_path is not None:
-        check_out_path(json_path)
+    stream.check_out(  # a folder for a folder; check_outputs: output = input, missing folders
+        out, model_b, CHECKPOINT_SUFFIXES, inputs=[model_a, model_b, spec_path, data],
+        json_path=json_path, mkdir=mkdir,
+    )
     if points < 2:
         raise ConfigError(f"--points must be >= 2, got {points}")
     if restarts < 1:
@@ -104,12 +108,7 @@ def command(
     get_aligner(method)  # unknown method: one clear line before any work
     spec = None
     if spec_path is not None:
-        from modeconn._src.errors import SpecError
-
-        try:
-            spec = mc.PermutationSpec.from_json(spec_path.read_text())
-        except OSError as e:
-            raise SpecError(f"cannot read the spec {str(spec_path)!r}: {e}") from e
+        spec = load_spec_arg(spec_path)
     net_a = load_model_arg(model_a, model, model_arg, device=device)
     net_b = load_model_arg(model_b, model, model_arg, device=device)
     needs_data = method != "weight" or barrier
@@ -153,6 +152,10 @@ def command(
     console.print(f"saved {out}")
     if json_path is not None:
         write_json(json_path, result)
+    for when in ("before", "after"):
+        if when in result:
+            check_finite_losses(f"linear path A -> B {when} alignment", result[when]["loss"],
+                                result[when]["ts"])  # fmt: skip
 
 
 def _mid(ev: dict) -> float:

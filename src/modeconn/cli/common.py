@@ -1,13 +1,15 @@
 """Shared CLI options and helpers, so every command takes its options and loads checkpoints alike.
 
 Options: ``--model``, ``--model-arg``, ``--data``, ``--device``, ``--json PATH``, ``--seed``,
-``--progress/--no-progress`` (Annotated aliases below).
+``--progress/--no-progress``, ``--mkdir`` (Annotated aliases below).
 
 Convention: each command lives in its own module ``modeconn/cli/<name>.py`` and defines
 ``def command(...)`` with typer-annotated parameters (use the aliases below); ``cli/main.py``
 registers it with ``app.command("<name>")(module.command)``. Commands raise
-``modeconn._src.errors`` exceptions for bad input (main turns them into one line, exit 2) and
-write files only through :func:`write_json` / ``modeconn._src.io.atomic_write``.
+``modeconn`` exceptions for bad input (main turns them into one line, exit 2). Before any work a
+command passes every file it writes and every file it reads to :func:`check_outputs` (output =
+input, missing folders without ``--mkdir``, wrong suffixes, unwritable folders are refused), then
+writes only through :func:`write_json` / ``modeconn.atomic_write``.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -26,8 +28,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .._src.errors import ConfigError, DataError
-from .._src.io import _json_default, atomic_write
+from modeconn import ConfigError, DataError, atomic_write, check_data_fits, json_default
 
 console = Console()
 err_console = Console(stderr=True)
@@ -69,6 +70,9 @@ JsonOpt = Annotated[
 ]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed.")]
 ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")]
+MkdirOpt = Annotated[
+    bool, typer.Option("--mkdir", help="Create missing output folders (else they are refused).")
+]
 
 
 # --- helpers ----------------------------------------------------------------------------------
@@ -147,8 +151,7 @@ def load_model_arg(
     Example:
         >>> net = load_model_arg("a.safetensors")  # doctest: +SKIP
     """
-    from .._src.evaluation import resolve_device
-    from .._src.io import load_model
+    from modeconn import load_model, resolve_device
 
     kwargs = dict(model_args) if isinstance(model_args, Mapping) else parse_model_args(model_args)
     dev = resolve_device(device)
@@ -171,7 +174,7 @@ def load_data_arg(source: str | None, *models: Any, **kwargs: Any) -> Any:
         >>> load_data_arg("digits").input_shape
         (1, 8, 8)
     """
-    from .. import data as _data
+    from modeconn import data as _data
 
     if source is None:
         for m in models:
@@ -202,7 +205,7 @@ def recorded_data(meta: Mapping[str, Any] | None) -> str | None:
         >>> recorded_data({"data": "digits"})
         'digits'
     """
-    from .. import data as _data
+    from modeconn import data as _data
 
     src = (meta or {}).get("data")
     if not isinstance(src, str) or not src:
@@ -213,45 +216,6 @@ def recorded_data(meta: Mapping[str, Any] | None) -> str | None:
             f"run code named in a file: pass --data {src} to use it"
         )
     return src
-
-
-def check_data_fits(model: Any, splits: Any) -> None:
-    """Run two training examples through ``model``: a data set of the wrong shape or with more
-    classes than the model's outputs is one clear :class:`DataError` before any work.
-
-    Example:
-        >>> import modeconn as mc
-        >>> check_data_fits(mc.models.create("mlp", input_shape=(1, 8, 8)), mc.data.load("digits"))
-    """
-    import torch
-
-    from .._src.evaluation import model_device
-
-    try:
-        x = torch.as_tensor(splits.train[0][0]).unsqueeze(0)
-    except Exception:  # noqa: BLE001 - an unusual dataset: let the real run speak for itself
-        return
-    x = torch.cat([x, x]).to(model_device(model))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            out = model(x)
-    except Exception as e:  # noqa: BLE001 - any failure here means the data does not fit
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise DataError(
-            f"data {splits.name!r} (inputs of shape {tuple(splits.input_shape)}) does not fit "
-            f"the model: {msg}; pass the --data it was trained on"
-        ) from None
-    finally:
-        model.train(was_training)
-    if not isinstance(out, torch.Tensor) or out.ndim != 2:
-        return
-    if out.shape[-1] < splits.num_classes:
-        raise DataError(
-            f"data {splits.name!r} has {splits.num_classes} classes but the model has "
-            f"{out.shape[-1]} outputs; pass the --data it was trained on"
-        )
 
 
 def build_model(name: str, splits: Any, model_args: Mapping[str, Any], *, seed: int) -> Any:
@@ -267,12 +231,14 @@ def build_model(name: str, splits: Any, model_args: Mapping[str, Any], *, seed: 
 
     import torch
 
-    from ..models import create, resolve
+    from modeconn import check_model_size
+    from modeconn.models import create, resolve
 
     kwargs = dict(model_args)
     if ":" not in name:
         kwargs.setdefault("input_shape", list(splits.input_shape))
         kwargs.setdefault("num_classes", splits.num_classes)
+        check_model_size(lambda: create(name, seed=seed, **kwargs), name=name)
         return create(name, seed=seed, **kwargs)
     mod, _, fn = name.partition(":")
     with contextlib.suppress(Exception):
@@ -281,9 +247,30 @@ def build_model(name: str, splits: Any, model_args: Mapping[str, Any], *, seed: 
             kwargs.setdefault("input_shape", list(splits.input_shape))
         if "num_classes" in params:
             kwargs.setdefault("num_classes", splits.num_classes)
+    check_model_size(lambda: resolve(name, **kwargs), name=name)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return resolve(name, **kwargs)
+
+
+def check_finite_losses(
+    what: str, losses: Sequence[float], ts: Sequence[float] | None = None
+) -> None:
+    """The non-finite rule for results: call after the tables and files are written; NaN or inf
+    in ``losses`` ends the command with :class:`NonFiniteError` (one line, exit code 1).
+
+    Example:
+        >>> check_finite_losses("linear path", [0.1, 0.2])
+    """
+    from modeconn import NonFiniteError
+
+    bad = [i for i, v in enumerate(losses) if not math.isfinite(float(v))]
+    if bad:
+        at = f" (first t = {ts[bad[0]]:.3f})" if ts is not None else ""
+        raise NonFiniteError(
+            f"{what}: the loss is NaN or inf at {len(bad)} of {len(losses)} points{at}; reported "
+            "as NaN (null in JSON): the weights overflow there"
+        )
 
 
 def _cell(v: Any) -> str:
@@ -344,7 +331,7 @@ def write_json(path: str | Path, obj: Any) -> Path:
         >>> write_json("out.json", {"barrier": 0.1})  # doctest: +SKIP
     """
     try:
-        plain = json.loads(json.dumps(obj, default=_json_default))  # tensors etc. -> plain
+        plain = json.loads(json.dumps(obj, default=json_default))  # tensors etc. -> plain
         text = json.dumps(_finite_or_none(plain), indent=2, allow_nan=False)
     except (TypeError, ValueError) as e:
         raise ConfigError(
@@ -355,44 +342,136 @@ def write_json(path: str | Path, obj: Any) -> Path:
     return Path(path)
 
 
-def check_out_path(path: str | Path, *, suffixes: Sequence[str] = ()) -> Path:
-    """Validate an output file before any work: not a folder, one of ``suffixes`` if given, and
-    somewhere files can be written (so a long run never fails only at its last step).
+CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth")
+PLOT_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg", ".eps", ".ps", ".tif", ".tiff", ".webp")
+_DEFAULT_SUFFIXES = {"--plot": PLOT_SUFFIXES}
+_WRONG_SUFFIXES = {"--json": CHECKPOINT_SUFFIXES + PLOT_SUFFIXES}  # JSON under another type's name
+
+Paths = Iterable[str | Path | None]
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """``a`` and ``b`` name one file (after resolving links; hard links too when both exist)."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_outputs(
+    outputs: Mapping[str, str | Path | None],
+    *,
+    inputs: Paths = (),
+    mkdir: bool = False,
+    suffixes: Mapping[str, Sequence[str]] | None = None,
+    folders: Mapping[str, Sequence[str]] | None = None,
+) -> None:
+    """The one output check every command calls before any work (then writes atomically).
+
+    Refuses, each as one :class:`ConfigError` line: an output that is one of ``inputs`` (the
+    same file after resolving links: the input would be destroyed); two outputs that are one
+    file (``--out o.safetensors --json o.safetensors``); an output file that is a folder or has
+    the wrong suffix (``--plot`` must be an image format matplotlib writes, ``--json`` must not
+    look like a checkpoint or an image); an output in a folder
+    that does not exist, unless ``mkdir`` (the command's ``--mkdir``); a folder that cannot be
+    written (a real probe, so a long run never fails only at its last step).
+
+    Args:
+        outputs: ``{option: path}`` for every file the command writes (``None``: not asked for),
+            e.g. ``{"--out": out, "--json": json_path}``.
+        inputs: every file the command reads (checkpoints, ``--config``, ``--spec``, an .npz).
+        mkdir: create missing folders (else refuse them).
+        suffixes: ``{option: allowed suffixes}``; ``--plot`` defaults to :data:`PLOT_SUFFIXES`.
+        folders: ``{option: names written inside}`` for outputs that are folders (``curve
+            --out``); those files are checked against the inputs too.
+
+    Example:
+        >>> check_outputs({"--out": "b.safetensors", "--json": None}, inputs=["a.safetensors"],
+        ...               suffixes={"--out": CHECKPOINT_SUFFIXES})
+        >>> try:
+        ...     check_outputs({"--out": "a.safetensors"}, inputs=["./a.safetensors"])
+        ... except ConfigError as e:
+        ...     print(e)  # doctest: +ELLIPSIS
+        --out 'a.safetensors' is also an input; write the result to another file ...
+    """
+    allowed = {**_DEFAULT_SUFFIXES, **(suffixes or {})}
+    dirs = dict(folders or {})
+    ins = [Path(p) for p in inputs if p is not None and str(p)]
+    given = {opt: Path(raw) for opt, raw in outputs.items() if raw is not None}
+    files: list[tuple[str, Path]] = []  # every file the command will write
+    for opt, p in given.items():
+        if opt in dirs:
+            files += [(f"{opt} file", p / name) for name in dirs[opt]]
+        else:
+            files.append((opt, p))
+    # first what would destroy data: an output that is an input, two outputs on one file
+    for opt, p in [*((o, q) for o, q in given.items() if o in dirs), *files]:
+        for src in ins:
+            if _same_file(p, src):
+                raise ConfigError(
+                    f"{opt} {str(p)!r} is also an input; write the result to another "
+                    f"{'folder' if opt in dirs else 'file'} (the input is left unchanged)"
+                )
+    for i, (opt, p) in enumerate(files):
+        for opt2, q in files[:i]:
+            if _same_file(p, q):
+                raise ConfigError(f"{opt2} and {opt} are the same file {str(p)!r}; give two names")
+    # then the kind of each output and the folder it goes to
+    for opt, p in given.items():
+        if opt in dirs:
+            if p.exists() and not p.is_dir():
+                raise ConfigError(f"{opt} {str(p)!r} is a file; give a folder")
+            _check_folder(p.parent, f"{opt} {str(p)!r}", mkdir)
+            continue
+        if p.is_dir():
+            raise ConfigError(f"{opt} {str(p)!r} is a folder; give a file name")
+        ok = allowed.get(opt, ())
+        if ok and p.suffix.lower() not in ok:
+            raise ConfigError(f"{opt} {str(p)!r} must end with one of {', '.join(ok)}")
+        if p.suffix.lower() in _WRONG_SUFFIXES.get(opt, ()):
+            raise ConfigError(
+                f"{opt} {str(p)!r} would hold JSON under a {p.suffix} name; give a .json file"
+            )
+        _check_folder(p.parent, f"{opt} {str(p)!r}", mkdir)
+
+
+def check_out_path(
+    path: str | Path, *, suffixes: Sequence[str] = (), inputs: Paths = (), mkdir: bool = False
+) -> Path:
+    """:func:`check_outputs` for one output file (kept for single-output callers).
 
     Example:
         >>> check_out_path("a.safetensors", suffixes=[".safetensors", ".pt"]).name
         'a.safetensors'
     """
-    p = Path(path)
-    if p.is_dir():
-        raise ConfigError(f"output {str(p)!r} is a folder; give a file name")
-    if suffixes and p.suffix.lower() not in suffixes:
-        raise ConfigError(f"output {str(p)!r} must end with one of {', '.join(suffixes)}")
-    _check_writable(p.parent, f"output {str(p)!r}")
-    return p
+    check_outputs({"output": path}, inputs=inputs, mkdir=mkdir, suffixes={"output": suffixes})
+    return Path(path)
 
 
-def check_out_dir(path: str | Path) -> Path:
-    """Validate an output folder before any work: not a file, and writable (or creatable).
+def check_out_dir(path: str | Path, *, inputs: Paths = (), mkdir: bool = False) -> Path:
+    """:func:`check_outputs` for one output folder (kept for single-output callers).
 
     Example:
         >>> check_out_dir("curve").name
         'curve'
     """
-    p = Path(path)
-    if p.exists() and not p.is_dir():
-        raise ConfigError(f"--out {str(p)!r} is a file; give a folder")
-    _check_writable(p, f"output folder {str(p)!r}")
-    return p
+    check_outputs({"--out": path}, inputs=inputs, mkdir=mkdir, folders={"--out": ()})
+    return Path(path)
 
 
-def _check_writable(folder: Path, what: str) -> None:
-    """The nearest existing folder at or above ``folder`` accepts a new file (a real probe)."""
+def _check_folder(folder: Path, what: str, mkdir: bool) -> None:
+    """``folder`` exists (or ``mkdir`` and it can be created) and accepts a new file (a probe)."""
     anc = Path(os.path.abspath(folder))
     while not anc.exists() and anc.parent != anc:
         anc = anc.parent
     if not anc.is_dir():
         raise ConfigError(f"cannot write {what}: {str(anc)!r} is a file, not a folder")
+    if anc != Path(os.path.abspath(folder)) and not mkdir:
+        raise ConfigError(
+            f"cannot write {what}: folder {str(folder)!r} does not exist; create it or pass --mkdir"
+        )
     try:
         fd, probe = tempfile.mkstemp(prefix=".modeconn-probe-", dir=anc)
     except OSError as e:
@@ -402,3 +481,43 @@ def _check_writable(folder: Path, what: str) -> None:
     os.close(fd)
     with contextlib.suppress(OSError):
         os.unlink(probe)
+
+
+def read_text_arg(path: str | Path, option: str, kind: str) -> str:
+    """The text of a file given on the command line (``--spec``, ``--config``); a missing,
+    unreadable or binary file is one :class:`ConfigError` line.
+
+    Example:
+        >>> read_text_arg("spec.json", "--spec", "JSON")  # doctest: +SKIP
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{option} {str(p)!r} does not exist" + (" (a folder)" * p.is_dir()))
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(
+            f"{option} {str(p)!r} is not a text file (binary data); give a {kind} file"
+        ) from None
+    except OSError as e:
+        raise ConfigError(f"cannot read {option} {str(p)!r}: {e.strerror or e}") from None
+
+
+def load_spec_arg(path: str | Path) -> Any:
+    """Read ``--spec`` (JSON as ``modeconn spec --json`` writes it): a missing or binary file, bad
+    JSON, or a group with no slots (it would permute nothing, yet report success) is one line.
+
+    Example:
+        >>> load_spec_arg("spec.json").groups  # doctest: +SKIP
+        {'h': 64}
+    """
+    from modeconn import PermutationSpec, SpecError
+
+    spec = PermutationSpec.from_json(read_text_arg(path, "--spec", "JSON"))
+    empty = [g for g in spec.groups if not spec.slots.get(g)]
+    if empty:
+        raise SpecError(
+            f"--spec {str(path)!r}: group {empty[0]!r} has no slots, so it permutes nothing; "
+            "list its slots (param, axis) or remove the group"
+        )
+    return spec

@@ -7,7 +7,15 @@ from typing import Annotated
 
 import typer
 
-from .common import DeviceOpt, JsonOpt, ProgressOpt, check_out_path, console, write_json
+from .common import (
+    DeviceOpt,
+    JsonOpt,
+    MkdirOpt,
+    ProgressOpt,
+    check_outputs,
+    console,
+    write_json,
+)
 
 
 def command(
@@ -30,6 +38,7 @@ def command(
     ] = 1,
     device: DeviceOpt = None,
     json_path: JsonOpt = None,
+    mkdir: MkdirOpt = False,
     progress: ProgressOpt = True,
 ) -> None:
     """The end-to-end run: two MNIST-1D MLPs differing only in seed, and the paths between them.
@@ -40,13 +49,9 @@ def command(
     loss/accuracy table and each path's loss and error barriers; writes the report folder
     (report.json, path.png with every path, the two endpoints).
     """
-    from .._src.demo import DemoConfig, run_demo
-    from .._src.errors import ConfigError
+    from modeconn import ConfigError, DemoConfig, run_demo
 
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {str(out)!r} is a file; give a folder for the report")
-    if json_path is not None:
-        check_out_path(json_path)
+    check_outputs({"--out": out, "--json": json_path}, mkdir=mkdir, folders={"--out": ()})
     if epochs < 1 or curve_epochs < 1 or points < 2 or threads < 1:
         raise ConfigError("--epochs, --curve-epochs and --threads must be >= 1 and --points >= 2")
     import torch

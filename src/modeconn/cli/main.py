@@ -1,8 +1,9 @@
 """The ``modeconn`` application: registers every command and turns errors into one line.
 
-Exit codes: 0 success; 2 bad input (a ``ModeconnError``, a usage error, a file that cannot be
-read or written), printed as one ``error: ...`` line on stderr; 130 interrupted (Ctrl-C), with a
-line saying what was kept and how to resume where a command can.
+Exit codes: 0 success; 1 non-finite results (NaN/inf losses, see ``NonFiniteError``: tables and
+files are written, then one ``error: ...`` line); 2 bad input (a ``ModeconnError``, a usage error,
+a file that cannot be read or written), printed as one ``error: ...`` line on stderr; 130
+interrupted (Ctrl-C), with a line saying what was kept and how to resume where a command can.
 """
 
 from __future__ import annotations
@@ -24,6 +25,23 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="markdown",  # docstring paragraphs re-flow instead of keeping line breaks
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        from modeconn import __version__
+
+        print(f"modeconn {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", help="Print the version and exit.", callback=_version, is_eager=True
+    ),
+) -> None:
+    """Mode connectivity for PyTorch: symmetry, alignment, low-loss curves and merging."""
 
 
 def _interruptible(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -91,7 +109,7 @@ def main() -> None:
     """Console entry point: run the app; bad input becomes one line on stderr and exit code 2."""
     import importlib
 
-    from .._src.errors import ModeconnError
+    from modeconn import ModeconnError, NonFiniteError
 
     # typer >= 0.20 vendors its own copy of click; older typers use the click package. Catch the
     # exceptions of whichever is importable (a plain install has only typer's).
@@ -111,7 +129,7 @@ def main() -> None:
         rv = app(standalone_mode=False)
     except ModeconnError as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise SystemExit(1 if isinstance(e, NonFiniteError) else 2) from None
     except Interrupted as e:
         print(f"interrupted: {_one_line(e)}", file=sys.stderr)
         raise SystemExit(130) from None

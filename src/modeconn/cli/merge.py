@@ -9,21 +9,21 @@ import typer
 
 from . import stream
 from .common import (
+    CHECKPOINT_SUFFIXES,
     DataOpt,
     DeviceOpt,
     JsonOpt,
+    MkdirOpt,
     ModelArgsOpt,
     ModelOpt,
     ProgressOpt,
-    check_out_path,
+    check_finite_losses,
     console,
     parse_model_args,
     print_table,
     recorded_data,
     write_json,
 )
-
-_SUFFIXES = (".safetensors", ".pt", ".pth")
 
 
 def _params(items: list[str] | None) -> dict[str, Any]:
@@ -32,7 +32,7 @@ def _params(items: list[str] | None) -> dict[str, Any]:
 
 
 def _weights(text: str | None) -> list[float] | None:
-    from .._src.errors import ConfigError
+    from modeconn import ConfigError
 
     if text is None:
         return None
@@ -45,7 +45,7 @@ def _weights(text: str | None) -> list[float] | None:
 
 
 def _recorded_data(path: Path) -> str | None:
-    from .._src.io import load_checkpoint
+    from modeconn import load_checkpoint
 
     return recorded_data(load_checkpoint(path).meta)
 
@@ -86,6 +86,14 @@ def command(
     config: Annotated[
         Path | None, typer.Option("--config", help="A YAML merge recipe instead of the options.")
     ] = None,
+    allow_code: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow-code",
+            help="Let the --config recipe name this 'package.module:function' (as model: or "
+            "data:), repeatable. A recipe naming code is refused otherwise.",
+        ),
+    ] = None,
     out: Annotated[
         Path | None, typer.Option("--out", "-o", help="Merged checkpoint (.safetensors or .pt).")
     ] = None,
@@ -93,6 +101,7 @@ def command(
     model_arg: ModelArgsOpt = None,
     device: DeviceOpt = None,
     json_path: JsonOpt = None,
+    mkdir: MkdirOpt = False,
     progress: ProgressOpt = True,
 ) -> None:
     """Merge checkpoints into one and print each input's test loss/accuracy next to the merged one.
@@ -106,10 +115,7 @@ def command(
     Example: `modeconn merge a.safetensors b.safetensors --method ties --base pre.safetensors
     --out m.safetensors`
     """
-    from .._src.errors import ConfigError
-    from .._src.merge import MergeRecipe
-    from .._src.merge.base import get_method
-    from .._src.merge.recipe import run_recipe
+    from modeconn import ConfigError, MergeRecipe, merge_methods, run_recipe
 
     if config is not None:
         clashing = [name for name, v in (
@@ -122,7 +128,7 @@ def command(
                 f"--config already describes the merge; drop {', '.join(clashing)} "
                 "(only --out, --data, --device and --json may override it)"
             )
-        recipe = MergeRecipe.from_yaml(config)
+        recipe = MergeRecipe.from_yaml(config, allow_code=allow_code or ())
         updates: dict[str, Any] = {}
         if out is not None:
             updates["out"] = str(out)
@@ -139,11 +145,19 @@ def command(
             raise ConfigError(
                 f"give at least two checkpoints to merge, got only {str(models[0])!r}"
             )
+        if allow_code:
+            raise ConfigError(
+                "--allow-code is for a --config recipe; on the command line, --model and --data "
+                "may name 'package.module:function' directly"
+            )
         if out is None:
             raise ConfigError("give --out merged.safetensors (where to write the merged model)")
-        stream.check_out(out, models[0], _SUFFIXES)  # a folder for model folders
+        stream.check_out(out, models[0], CHECKPOINT_SUFFIXES, inputs=[*models, base], mkdir=mkdir)
         name = method or "average"
-        get_method(name)  # unknown method: one line listing the methods, before any work
+        if name not in merge_methods():  # one line listing the methods, before any work
+            raise ConfigError(
+                f"unknown merge method {name!r}; choose one of: {', '.join(merge_methods())}"
+            )
         if data is None and not stream.is_folder(models[0]):
             data = _recorded_data(models[0])
         w = _weights(weights)
@@ -169,9 +183,10 @@ def command(
     if recipe.out is None:
         raise ConfigError("the recipe has no out: and no --out was given")
     inputs = [Path(e.path) for e in recipe.models]
-    stream.check_out(Path(recipe.out), inputs[0], _SUFFIXES)
-    if json_path is not None:
-        check_out_path(json_path)
+    stream.check_out(
+        Path(recipe.out), inputs[0], CHECKPOINT_SUFFIXES, json_path=json_path, mkdir=mkdir,
+        inputs=[*inputs, recipe.base, config, recipe.data],
+    )
     if stream.streams(recipe.method, inputs, Path(recipe.out), align=recipe.align,
                       reset_bn=recipe.reset_bn, repair=recipe.repair):
         stream.run(inputs, Path(recipe.out), method=recipe.method,
@@ -194,3 +209,5 @@ def command(
     if json_path is not None:
         write_json(json_path, {"out": recipe.out, "recipe": recipe.model_dump(), "info": run.info,
                                "evaluation": run.rows})
+    for r in run.rows:
+        check_finite_losses(f"model {r['model']!r} on the test split", [r["loss"]])

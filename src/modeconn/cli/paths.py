@@ -11,12 +11,13 @@ from .common import (
     DataOpt,
     DeviceOpt,
     JsonOpt,
+    MkdirOpt,
     ModelArgsOpt,
     ModelOpt,
     ProgressOpt,
     SeedOpt,
-    check_out_dir,
-    check_out_path,
+    check_finite_losses,
+    check_outputs,
     console,
     load_data_arg,
     load_model_arg,
@@ -38,8 +39,7 @@ PLOT_FILE = "curve.png"
 
 
 def _pgd(eps: float, step: float | None, steps: int) -> dict[str, Any] | None:
-    from modeconn._src.adversarial import PGDConfig
-    from modeconn._src.errors import ConfigError
+    from modeconn import ConfigError, PGDConfig
 
     if eps < 0:
         raise ConfigError(f"--eps must be >= 0 (0: no robust accuracy), got {eps}")
@@ -54,7 +54,7 @@ def _evaluate(
     import modeconn as mc
 
     if points < 2:
-        from modeconn._src.errors import ConfigError
+        from modeconn import ConfigError
 
         raise ConfigError(f"--points must be >= 2, got {points}")
     return mc.evaluate_path(
@@ -124,8 +124,16 @@ def _print_per_t(ev: Any) -> None:
     print_table("along the path", ["t", "train loss", "test loss", "test accuracy"], rows)
 
 
+def check_finite_results(evaluations: dict[str, Any]) -> None:
+    """The non-finite rule for paths (see :func:`check_finite_losses`), every split."""
+    for label, ev in evaluations.items():
+        for split, metrics in ev.results.items():
+            losses = [float(v) for v in metrics.get("loss", [])]
+            check_finite_losses(f"path {label!r}, {split} split", losses, ev.ts.tolist())
+
+
 def _check_align(align: str | None, allowed: tuple[str, ...]) -> None:
-    from modeconn._src.errors import ConfigError
+    from modeconn import ConfigError
 
     if align is not None and align not in allowed:
         raise ConfigError(f"--align {align!r} is not one of {', '.join(allowed)}")
@@ -148,6 +156,7 @@ def interpolate(
     seed: SeedOpt = 0,
     device: DeviceOpt = None,
     json_path: JsonOpt = None,
+    mkdir: MkdirOpt = False,
     progress: ProgressOpt = True,
 ) -> None:
     """Loss and accuracy along the straight line A -> B (train and test splits).
@@ -158,9 +167,9 @@ def interpolate(
     import modeconn as mc
 
     _check_align(align, ("weight", "activation"))
-    for p in (json_path, plot):
-        if p is not None:
-            check_out_path(p)
+    check_outputs(
+        {"--json": json_path, "--plot": plot}, inputs=[model_a, model_b, data], mkdir=mkdir
+    )
     robust = _pgd(eps, pgd_step, pgd_steps)
     net_a = load_model_arg(model_a, model, model_arg, device=device)
     net_b = load_model_arg(model_b, model, model_arg, device=device)
@@ -173,7 +182,7 @@ def interpolate(
     _print_per_t(ev)
     _print_summary(f"linear path {model_a.name} -> {model_b.name}", {label: ev})
     if plot is not None:
-        from modeconn._src.report import plot_paths
+        from modeconn import plot_paths
 
         plot_paths({label: ev}, plot, split="test", title=f"{model_a.name} -> {model_b.name}")
         console.print(f"wrote {plot}")
@@ -183,6 +192,7 @@ def interpolate(
             {"a": str(model_a), "b": str(model_b), "align": align, **_barriers(ev),
              "evaluation": ev.to_dict()},  # fmt: skip
         )
+    check_finite_results({label: ev})
 
 
 def curve(
@@ -216,6 +226,7 @@ def curve(
     seed: SeedOpt = 0,
     device: DeviceOpt = None,
     json_path: JsonOpt = None,
+    mkdir: MkdirOpt = False,
     progress: ProgressOpt = True,
 ) -> None:
     """Learn a low-loss Bezier curve / polygonal chain between A and B (Garipov et al. 2018).
@@ -225,13 +236,10 @@ def curve(
     that --resume continues from.
     """
     import modeconn as mc
-    from modeconn._src.errors import ConfigError
-    from modeconn._src.paths.curves import COEFFICIENTS
-    from modeconn._src.paths.io import PATH_FILENAME
-    from modeconn._src.report import plot_paths
+    from modeconn import PATH_FILENAME, ConfigError, curve_kinds, plot_paths
 
-    if kind not in COEFFICIENTS:
-        raise ConfigError(f"--kind {kind!r} is not one of {', '.join(sorted(COEFFICIENTS))}")
+    if kind not in curve_kinds():
+        raise ConfigError(f"--kind {kind!r} is not one of {', '.join(curve_kinds())}")
     _check_align(align, ("weight", "activation", "pam"))
     if bends < 1 or epochs < 1:
         raise ConfigError(f"--bends and --epochs must be >= 1, got {bends} and {epochs}")
@@ -241,9 +249,12 @@ def curve(
         )
     if points < 2:
         raise ConfigError(f"--points must be >= 2, got {points}")
-    check_out_dir(out)
-    if json_path is not None:
-        check_out_path(json_path)
+    check_outputs(
+        {"--out": out, "--json": json_path},
+        inputs=[model_a, model_b, data],
+        mkdir=mkdir,
+        folders={"--out": (PATH_FILENAME, EVAL_FILE, PLOT_FILE, "fit_state.pt")},
+    )
     robust = _pgd(eps, pgd_step, pgd_steps)
     if adversarial and robust is None:
         raise ConfigError("--adversarial needs --eps > 0 (the PGD radius)")
@@ -323,6 +334,7 @@ def curve(
     console.print(f"wrote {file}, {out / EVAL_FILE}, {out / PLOT_FILE}")
     if json_path is not None:
         write_json(json_path, result)
+    check_finite_results(evaluations)
 
 
 def evaluate(
@@ -340,6 +352,7 @@ def evaluate(
     model_arg: ModelArgsOpt = None,
     device: DeviceOpt = None,
     json_path: JsonOpt = None,
+    mkdir: MkdirOpt = False,
     progress: ProgressOpt = True,
 ) -> None:
     """Evaluate a saved path (curve) on the train and test splits: per-t values and summaries.
@@ -348,12 +361,13 @@ def evaluate(
     source recorded when the curve was trained.
     """
     import modeconn as mc
-    from modeconn._src.evaluation import resolve_device
-    from modeconn._src.io import Checkpoint
+    from modeconn import PATH_FILENAME, Checkpoint, resolve_device
 
-    for p in (json_path, plot):
-        if p is not None:
-            check_out_path(p)
+    check_outputs(
+        {"--json": json_path, "--plot": plot},
+        inputs=[path_dir, Path(path_dir) / PATH_FILENAME, data],
+        mkdir=mkdir,
+    )
     robust = _pgd(eps, pgd_step, pgd_steps)
     path = mc.load_path(path_dir)
     ck = Checkpoint(path.points[0], dict(path.meta), str(path_dir))
@@ -364,7 +378,7 @@ def evaluate(
     label = f"{path.kind}/{path.num_points}"
     _print_summary(f"path {path_dir}", {label: ev})
     if plot is not None:
-        from modeconn._src.report import plot_paths
+        from modeconn import plot_paths
 
         plot_paths({label: ev}, plot, split="test", title=str(path_dir))
         console.print(f"wrote {plot}")
@@ -372,3 +386,4 @@ def evaluate(
         write_json(
             json_path, {"path": str(path_dir), **_barriers(ev), "evaluation": ev.to_dict()}
         )
+    check_finite_results({label: ev})

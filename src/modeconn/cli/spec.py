@@ -9,9 +9,10 @@ import typer
 
 from .common import (
     JsonOpt,
+    MkdirOpt,
     ModelArgsOpt,
     ModelOpt,
-    check_out_path,
+    check_outputs,
     console,
     parse_model_args,
     recorded_data,
@@ -23,7 +24,7 @@ def _input_shape(net: Any, given: str | None) -> list[int]:
     """``--input-shape``, else the ``input_shape`` the model records, else the recorded data's."""
     import yaml
 
-    from .._src.errors import ConfigError
+    from modeconn import ConfigError
 
     if given:
         try:
@@ -41,7 +42,7 @@ def _input_shape(net: Any, given: str | None) -> list[int]:
         return [int(s) for s in shape]
     data = recorded_data(getattr(net, "modeconn_meta", None))
     if data is not None:
-        from .. import data as _data
+        from modeconn import data as _data
 
         return list(_data.load(data).input_shape)
     raise ConfigError(
@@ -68,6 +69,7 @@ def command(
     model: ModelOpt = None,
     model_arg: ModelArgsOpt = None,
     json_path: JsonOpt = None,
+    mkdir: MkdirOpt = False,
 ) -> None:
     """Infer the permutation spec of a model and print its groups (`--json` writes the spec).
 
@@ -77,16 +79,15 @@ def command(
 
     import modeconn as mc
     import modeconn.models  # noqa: F401  (mc.models)
+    from modeconn import CheckpointError
 
-    from .._src.errors import CheckpointError
-
-    if json_path is not None:
-        check_out_path(json_path)
+    check_outputs({"--json": json_path}, inputs=[] if zoo else [source], mkdir=mkdir)
     kwargs = parse_model_args(model_arg)
     if zoo:
         shape = _input_shape(None, input_shape) if input_shape else None
         if shape is not None:
             kwargs.setdefault("input_shape", shape)
+        mc.check_model_size(lambda: mc.models.create(source, seed=0, **kwargs), name=source)
         net = mc.models.create(source, seed=0, **kwargs)
     else:
         if not Path(source).exists():

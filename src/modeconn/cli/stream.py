@@ -14,7 +14,14 @@ from typing import Any
 
 import modeconn as mc
 
-from .common import check_out_dir, check_out_path, console, load_model_arg, print_table, write_json
+from .common import (
+    check_finite_losses,
+    check_outputs,
+    console,
+    load_model_arg,
+    print_table,
+    write_json,
+)
 
 
 def streams(method: str, models: list[Path], out: Path, *, align: Any, reset_bn: bool,
@@ -31,17 +38,22 @@ def is_folder(path: Path | str | None) -> bool:
     return path is not None and Path(path).is_dir()
 
 
-def check_out(out: Path, first_model: Path, suffixes: tuple[str, ...]) -> None:
-    """A folder output for folder inputs, else a checkpoint file with one of ``suffixes``."""
+def check_out(
+    out: Path, first_model: Path, suffixes: tuple[str, ...], *, inputs: Any = (),
+    json_path: Path | None = None, mkdir: bool = False,
+) -> None:
+    """A folder output for folder inputs, else a checkpoint file with one of ``suffixes``; then
+    :func:`check_outputs` (output = input, missing folders, ...)."""
+    outputs = {"--out": out, "--json": json_path}
     if is_folder(first_model):
         if out.suffix.lower() in suffixes:
             raise mc.ConfigError(
                 f"the inputs are model folders, so --out {str(out)!r} must be a folder name "
                 "(no file suffix); it will hold config.json and the sharded weights"
             )
-        check_out_dir(out)
+        check_outputs(outputs, inputs=inputs, mkdir=mkdir, folders={"--out": ()})
     else:
-        check_out_path(out, suffixes=suffixes)
+        check_outputs(outputs, inputs=inputs, mkdir=mkdir, suffixes={"--out": suffixes})
 
 
 def run(
@@ -50,12 +62,15 @@ def run(
     model_args: dict[str, Any], device: str | None, json_path: Path | None, progress: bool,
 ) -> None:
     """Stream the merge to ``out``; then, with ``data``, print the test table."""
+    splits = net = None
+    if data is not None and not is_folder(models[0]):  # data that does not fit: before merging
+        splits = mc.data.load(data)
+        net = load_model_arg(models[0], model, model_args, device=device)
+        mc.check_data_fits(net, splits)
     mc.merge_files(models, out, method=method, base=base, weights=weights, progress=progress,
                    meta={"data": data} if data else None, device=device, **params)
     rows: list[dict[str, Any]] = []
-    if data is not None and not is_folder(models[0]):
-        splits = mc.data.load(data)
-        net = load_model_arg(models[0], model, model_args, device=device)
+    if splits is not None and net is not None:
         named = [(str(p), p) for p in models]
         if base is not None:
             named.append((f"{base} (base)", base))
@@ -72,3 +87,5 @@ def run(
         info = {"method": method, "params": params, "weights": weights, "streamed": True,
                 "base": str(base) if base else None, "models": [str(p) for p in models]}
         write_json(json_path, {"out": str(out), "info": info, "evaluation": rows})
+    for r in rows:
+        check_finite_losses(f"model {r['model']!r} on the test split", [r["loss"]])

@@ -83,18 +83,13 @@ def command(
     retry_failed: Annotated[
         bool, typer.Option("--retry-failed", help="Run cells that failed before again.")
     ] = False,
-    model: Annotated[
-        str | None,
+    allow_code: Annotated[
+        list[str] | None,
         typer.Option(
-            "--model",
-            "-m",
-            help="Allow the grid's 'package.module:function' model "
-            "(modeconn never runs code named only in a file).",
+            "--allow-code",
+            help="Let the grid name this 'package.module:function' (as model: or data:), "
+            "repeatable. A grid naming code is refused otherwise.",
         ),
-    ] = None,
-    data: Annotated[
-        str | None,
-        typer.Option("--data", "-d", help="Allow the grid's 'package.module:function' data."),
     ] = None,
     store: Annotated[
         Path | None,
@@ -131,10 +126,6 @@ def command(
     if out is None:
         raise mc.ConfigError("missing --out DIR: the sweep folder (a rerun continues it)")
     check_out_dir(out)
-    trusted = [x for x in (model, data) if x]
-    for name, value in (("--model", model), ("--data", data)):
-        if value is not None and ":" not in value:
-            raise mc.ConfigError(f"{name} here only allows an import path named in the grid")
     done = [0]
 
     def hint() -> str:
@@ -144,7 +135,8 @@ def command(
     with on_interrupt(hint):
         rows = mc.sweep.run(
             target, out, address=address, workers=workers, retry_failed=retry_failed,
-            trusted=trusted, progress=progress, threads=threads, device=device, store=store,
+            allow_code=allow_code or (), progress=progress, threads=threads, device=device,
+            store=store,
             on_cell=lambda outcome: done.__setitem__(0, done[0] + 1),
         )  # fmt: skip
     st = mc.sweep.status(out)

@@ -8,13 +8,16 @@ from typing import Annotated
 import typer
 
 from .common import (
+    CHECKPOINT_SUFFIXES,
     DeviceOpt,
     JsonOpt,
+    MkdirOpt,
     ModelArgsOpt,
     ProgressOpt,
     SeedOpt,
     build_model,
-    check_out_path,
+    check_data_fits,
+    check_outputs,
     console,
     load_data_arg,
     on_interrupt,
@@ -70,6 +73,7 @@ def command(
     pgd_steps: Annotated[int, typer.Option(help="PGD steps.")] = 7,
     device: DeviceOpt = None,
     json_path: JsonOpt = None,
+    mkdir: MkdirOpt = False,
     progress: ProgressOpt = True,
 ) -> None:
     """Train a model on a data source and save it (with its metadata) as a checkpoint.
@@ -80,12 +84,16 @@ def command(
     """
     import modeconn as mc
 
-    out = check_out_path(out, suffixes=(".safetensors", ".pt", ".pth"))
-    if json_path is not None:
-        check_out_path(json_path)
+    check_outputs(
+        {"--out": out, "--json": json_path},
+        inputs=[data],
+        mkdir=mkdir,
+        suffixes={"--out": CHECKPOINT_SUFFIXES},
+    )
     kwargs = parse_model_args(model_arg)
     splits = load_data_arg(data)
     net = build_model(model, splits, kwargs, seed=seed)
+    check_data_fits(net, splits)  # a user's model and --data that do not fit: one line, no work
     pgd = {"eps": eps, "step": pgd_step, "steps": pgd_steps} if adversarial else None
     if swa_epochs < 0 or (swa_epochs > 0 and not swa_lr > 0):
         raise mc.ConfigError(

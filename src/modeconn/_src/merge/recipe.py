@@ -14,12 +14,15 @@ Example recipe::
     reset_bn: false
     out: merged.safetensors
 
-Relative paths are taken relative to the recipe file.
+Relative paths are taken relative to the recipe file. A recipe is data: its ``model:`` and
+``data:`` may name zoo models and built-in sources; a ``package.module:function`` there is refused
+unless the user allows it (``from_yaml(..., allow_code=[...])``, ``merge --allow-code``).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +31,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import ConfigError
+from ..trust import refuse_code
 from .base import _one_line, get_method
 
 
@@ -136,11 +140,18 @@ class MergeRecipe(_Frozen):
             raise ConfigError(f"{where}: {e}") from None
 
     @classmethod
-    def from_yaml(cls, path: str | os.PathLike[str]) -> MergeRecipe:
+    def from_yaml(
+        cls, path: str | os.PathLike[str], *, allow_code: Iterable[str] = ()
+    ) -> MergeRecipe:
         """Load a recipe with ``yaml.safe_load``; relative paths are resolved against its folder.
+
+        A ``model:`` or ``data:`` naming ``package.module:function`` (code that building it would
+        import and call) is refused with one :class:`ConfigError` line unless it is listed in
+        ``allow_code``: recipes are shared files, and no file modeconn reads runs code.
 
         Args:
             path: the YAML file.
+            allow_code: the import paths this recipe may name (the user's explicit consent).
 
         Returns:
             The validated recipe.
@@ -153,11 +164,16 @@ class MergeRecipe(_Frozen):
             raise ConfigError(f"recipe {str(p)!r} does not exist")
         try:
             obj = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise ConfigError(
+                f"recipe {str(p)!r} is not a text file (binary data); give a YAML recipe"
+            ) from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             at = f" (line {mark.line + 1})" if mark is not None else ""
             raise ConfigError(f"recipe {str(p)!r} is not valid YAML{at}") from None
         recipe = cls.validate_dict(obj, f"recipe {str(p)!r}")
+        refuse_code(f"recipe {str(p)!r}", {"model": recipe.model, "data": recipe.data}, allow_code)
         return recipe.relative_to(p.parent)
 
     def relative_to(self, folder: str | os.PathLike[str]) -> MergeRecipe:
@@ -208,12 +224,16 @@ def run_recipe(recipe: MergeRecipe, *, progress: bool = False, write: bool = Tru
     from ... import data as data_mod
     from ..evaluation import evaluate
     from ..io import load_checkpoint, save_checkpoint
+    from ..validate import check_data_fits
     from .api import merge
 
+    _check_out_not_input(recipe)
     cks = [load_checkpoint(e.path) for e in recipe.models]
     base_ck = load_checkpoint(recipe.base) if recipe.base else None
     model = cks[0].build(recipe.model, **recipe.model_kwargs)
     splits = data_mod.load(recipe.data) if recipe.data else None
+    if splits is not None:
+        check_data_fits(model, splits)  # data of the wrong shape: one line before any merging
     train = splits.train if splits is not None else None
     merged = merge(
         [ck.state for ck in cks],
@@ -254,3 +274,16 @@ def run_recipe(recipe: MergeRecipe, *, progress: bool = False, write: bool = Tru
     elif write and recipe.out:
         save_checkpoint(recipe.out, dict(merged), meta=meta)
     return MergeRun(dict(merged), model, rows, merged.info, recipe.out if write else None)
+
+
+def _check_out_not_input(recipe: MergeRecipe) -> None:
+    """``out`` must not be one of the inputs (the merge would overwrite a model it reads)."""
+    if not recipe.out:
+        return
+    out = os.path.realpath(recipe.out)
+    for src in [e.path for e in recipe.models] + ([recipe.base] if recipe.base else []):
+        if os.path.realpath(src) == out:
+            raise ConfigError(
+                f"out {recipe.out!r} is also an input; write the merge to another file "
+                "(the input is left unchanged)"
+            )

@@ -91,3 +91,13 @@ class PolyChain(Path):
 
 
 COEFFICIENTS = {"bezier": bezier_coefficients, "polychain": polychain_coefficients}
+
+
+def curve_kinds() -> list[str]:
+    """Names of the curve kinds ``fit_curve(kind=...)`` learns.
+
+    Example:
+        >>> curve_kinds()
+        ['bezier', 'polychain']
+    """
+    return sorted(COEFFICIENTS)

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import CheckpointError, ConfigError, ModeconnError
+from ..errors import CheckpointError, ConfigError, NonFiniteError
 from ..evaluation import DataLike, as_loader, model_device, resolve_device
 from ..io import atomic_write
 from ..progress import progress_bar
@@ -384,7 +384,7 @@ def train_curve(
                     l2 = sum(v.pow(2).sum() for v in theta.values())
                     loss = ce + 0.5 * wd * l2 + curve.penalty()
                     if not torch.isfinite(loss):
-                        raise ModeconnError(
+                        raise NonFiniteError(
                             f"curve training diverged at epoch {epoch + 1} (loss {float(loss)}); "
                             "lower the learning rate"
                         )

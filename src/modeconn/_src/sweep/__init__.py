@@ -10,12 +10,12 @@ from __future__ import annotations
 from ..html_report import plot_barriers
 from .cell import BARRIER_SPLIT, run_cell
 from .grid import Cell, CurveOptions, Grid, check_grid, load_grid, train_options
-from .runner import RayMissingError, load, run, status
+from .runner import import_ray, load, run, status
 from .store import endpoint_key, ensure_endpoint
 from .summary import summarize
 
 __all__ = [
-    "BARRIER_SPLIT", "Cell", "CurveOptions", "Grid", "RayMissingError", "check_grid",
+    "BARRIER_SPLIT", "Cell", "CurveOptions", "Grid", "check_grid", "import_ray",
     "endpoint_key", "ensure_endpoint", "load", "load_grid", "plot_barriers", "run", "run_cell",
     "status", "summarize", "train_options",
 ]  # fmt: skip

@@ -17,10 +17,11 @@ from .grid import NONE, Cell, Grid, column
 def _load_endpoint(path: Path, spec: Mapping[str, Any], device: str | None) -> tuple[Any, dict]:
     from ..evaluation import resolve_device
     from ..io import load_checkpoint
+    from ..trust import is_import_path
 
     ck = load_checkpoint(path)
     # An import-path model was accepted by check_grid (the user named it): build it by name.
-    net = ck.build(spec["model"] if ":" in spec["model"] else None)
+    net = ck.build(spec["model"] if is_import_path(spec["model"]) else None)
     return net.to(resolve_device(device)), dict(ck.meta.get("metrics") or {})
 
 

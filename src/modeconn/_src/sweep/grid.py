@@ -259,18 +259,18 @@ def _names(what: str, given: Iterable[str], known: Iterable[str]) -> None:
             raise ConfigError(f"grid: unknown {what} {name!r}; choose from {', '.join(known)}")
 
 
-def check_grid(grid: Grid, trusted: Iterable[str] = ()) -> Any:
+def check_grid(grid: Grid, allow_code: Iterable[str] = ()) -> Any:
     """Check a grid against the registries and the data before any work; returns the data.
 
     Models come from the zoo; a ``package.module:function`` model or data source is used only
-    when the user names it in ``trusted`` (on the command line: ``--model`` / ``--data``), the
+    when the user allows it in ``allow_code`` (on the command line: ``--allow-code``), the
     rule checkpoints follow: modeconn never runs code named inside a file. Every distinct model
     configuration is built once and every training configuration is checked by ``mc.train``
     (zero epochs on two examples).
 
     Args:
         grid: from :func:`load_grid`.
-        trusted: import paths the user named.
+        allow_code: import paths the user allowed.
 
     Returns:
         The loaded ``mc.data.Splits``.
@@ -285,17 +285,11 @@ def check_grid(grid: Grid, trusted: Iterable[str] = ()) -> Any:
     from ..merge import merge_methods
     from ..paths.curves import COEFFICIENTS
     from ..train import train
+    from ..trust import is_import_path, refuse_code
     from .store import build_model, load_data
 
-    trusted = set(trusted)
-    for what, name in (("model", grid.model), ("data source", grid.data)):
-        if ":" in name and name not in trusted and not os.path.exists(name):
-            flag = "--model" if what == "model" else "--data"
-            raise ConfigError(
-                f"grid: the {what} {name!r} is an import path; modeconn does not run code named "
-                f"in a file: pass {flag} {name} to use it"
-            )
-    if ":" not in grid.model:
+    refuse_code("grid", {"model": grid.model, "data": grid.data}, allow_code)
+    if not is_import_path(grid.model):
         _names("model", [grid.model], models.names())
     _names("alignment method", grid.align, [NONE, *aligner_names()])
     _names("path kind", grid.paths, [LINEAR, *sorted(COEFFICIENTS)])

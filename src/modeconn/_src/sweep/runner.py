@@ -8,7 +8,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, ModeconnError
+from ..errors import ConfigError
 from ..io import atomic_write
 from . import db
 from .cell import run_cell
@@ -16,22 +16,13 @@ from .grid import Cell, Grid, check_grid, column, load_grid
 from .store import endpoint_key, ensure_endpoint
 
 GRID_FILE = "grid.json"
-INSTALL_HINT = "pip install 'modeconn[sweep]'"
-
-
-class RayMissingError(ModeconnError):
-    """Ray, the engine sweeps run on, is not installed."""
 
 
 def import_ray() -> Any:
-    """Import Ray, or raise :class:`RayMissingError` saying how to install it."""
-    try:
-        import ray
-    except ImportError:
-        raise RayMissingError(
-            f"sweeps run on Ray, which is not installed: {INSTALL_HINT}"
-        ) from None
-    return ray
+    """Import Ray, or raise ``mc.MissingExtraError`` saying ``pip install 'modeconn[sweep]'``."""
+    from ..optional import require
+
+    return require("ray", "sweep", feature="modeconn sweep (Ray)")
 
 
 def _connect(ray: Any, address: str | None, workers: int | None) -> bool:
@@ -83,7 +74,7 @@ def run(
     address: str | None = None,
     workers: int | None = None,
     retry_failed: bool = False,
-    trusted: Iterable[str] = (),
+    allow_code: Iterable[str] = (),
     store: str | os.PathLike[str] | None = None,
     device: str | None = None,
     threads: int = 1,
@@ -108,7 +99,7 @@ def run(
             connection, else a local Ray started here (no dashboard) and stopped at the end.
         workers: cells running at once (default: the local CPU count, or 2 per cluster CPU).
         retry_failed: run cells recorded as failed again.
-        trusted: import paths (``pkg.mod:fn``) the user named for the grid's model or data.
+        allow_code: import paths (``pkg.mod:fn``) the user allows as the grid's model or data.
         store: the endpoint store folder (share one between sweeps to reuse endpoints).
         device: where tasks train and evaluate.
         threads: torch threads per task (1: results do not depend on the machine's load).
@@ -127,7 +118,7 @@ def run(
         raise ConfigError(f"workers must be >= 1, got {workers}")
     if threads < 1:
         raise ConfigError(f"threads must be >= 1, got {threads}")
-    check_grid(grid, trusted)
+    check_grid(grid, allow_code)
     if os.path.exists(grid.data):  # tasks may run in another working directory
         grid = grid.model_copy(update={"data": os.path.abspath(grid.data)})
     out = Path(out_dir).absolute()
@@ -199,24 +190,22 @@ def _execute(
 
     failed = 0
     with progress_bar(progress, total=len(todo), description="sweep", eta=True) as advance:
-        try:
-            while queue or inflight:
-                while queue and len(inflight) < window:
-                    cell = queue.pop(0)
-                    ref = cell_task.remote(grid_ref, cell, endpoint(cell, 0), endpoint(cell, 1),
-                                           str(out), device, threads)  # fmt: skip
-                    inflight[ref] = cell
-                done, _ = ray.wait(list(inflight), num_returns=1)
-                cell = inflight.pop(done[0])
-                outcome = _record(ray, con, out, cell, done[0])
-                failed += bool(outcome["error"])
-                if on_cell is not None:
-                    on_cell(outcome)
-                advance(f"{cell.label()}" + (f" ({failed} failed)" if failed else ""))
-        except BaseException:
-            for ref in inflight:  # Ctrl-C: stop this run's tasks; finished cells are saved
-                ray.cancel(ref, force=True)
-            raise
+        # Ctrl-C / an error: this run's tasks end with the driver (ray.shutdown of a local Ray;
+        # on a cluster when this job disconnects); every finished cell is already saved. (No
+        # ray.cancel(force=True) here: racing a task that just finished, it crashed Ray 2.60.)
+        while queue or inflight:
+            while queue and len(inflight) < window:
+                cell = queue.pop(0)
+                ref = cell_task.remote(grid_ref, cell, endpoint(cell, 0), endpoint(cell, 1),
+                                       str(out), device, threads)  # fmt: skip
+                inflight[ref] = cell
+            done, _ = ray.wait(list(inflight), num_returns=1)
+            cell = inflight.pop(done[0])
+            outcome = _record(ray, con, out, cell, done[0])
+            failed += bool(outcome["error"])
+            if on_cell is not None:
+                on_cell(outcome)
+            advance(f"{cell.label()}" + (f" ({failed} failed)" if failed else ""))
 
 
 def _record(ray: Any, con: Any, out: Path, cell: Cell, ref: Any) -> dict[str, Any]:

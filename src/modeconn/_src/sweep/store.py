@@ -51,9 +51,10 @@ def build_model(spec: Mapping[str, Any], splits: Any) -> Any:
     import torch
 
     from ... import models
+    from ..trust import is_import_path
 
     kwargs = dict(spec["model_args"])
-    if ":" not in spec["model"]:
+    if not is_import_path(spec["model"]):
         kwargs.setdefault("input_shape", list(splits.input_shape))
         kwargs.setdefault("num_classes", splits.num_classes)
         return models.create(spec["model"], seed=int(spec["seed"]), **kwargs)
