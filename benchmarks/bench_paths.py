@@ -5,9 +5,15 @@
 2. ``evaluate_path`` (25 points, train + test splits) vs the sum of the forward passes it needs:
    for each t the evaluation passes over both splits (plus, for BatchNorm models, the statistics
    pass over the training split), timed bare on a module holding θ(t).
-Ratios are measured within one run (best of 3) in CPU time of this process with one torch
-thread (``time.process_time``), which other processes on a shared machine disturb much less
-than wall-clock time.
+3. Many networks of one architecture, side by side in one run: ``evaluate_path`` (a Bezier
+   curve), ``plane`` (the plane through three models) and ``curve_ensemble``, each against
+   (a) a plain per-point loop, as a user writes it (build θ, ``load_state_dict``, iterate a
+   DataLoader computing loss and accuracy) and (b) the bare forward passes alone (θ loaded
+   outside the clock), at small scale (MNIST-1D MLP) and GPT-2-ish scale (the zoo transformer at
+   width 768, 12 layers, 12 heads: 85M parameters, on 256 examples of 16 tokens).
+Ratios are measured within one run (best of 3; once at GPT-2 scale) in CPU time of this process
+with one torch thread (``time.process_time``), which other processes on a shared machine disturb
+much less than wall-clock time.
 """
 
 from __future__ import annotations
@@ -73,6 +79,90 @@ def _forwards(
     return run
 
 
+def _plain_loop(
+    model: torch.nn.Module, makers: list[Callable[[], dict]], datasets: list[object]
+) -> Callable[[], None]:
+    """What a user writes: per point, build θ, load it, iterate a DataLoader (loss, accuracy)."""
+    net = with_state(model, model.state_dict()).eval()
+
+    def run() -> None:
+        with torch.no_grad():
+            for make in makers:
+                net.load_state_dict(make())
+                for d in datasets:
+                    loss, correct = 0.0, 0
+                    for x, y in as_loader(d, batch_size=1024):
+                        out = net(x)
+                        loss += float(F.cross_entropy(out, y, reduction="sum"))
+                        correct += int((out.argmax(-1) == y).sum())
+
+    return run
+
+
+def _bare_forwards(
+    model: torch.nn.Module, makers: list[Callable[[], dict]], datasets: list[object]
+) -> float:
+    """CPU seconds of the forward passes alone (θ built and loaded outside the clock)."""
+    net = with_state(model, model.state_dict()).eval()
+    batches = [[x for x, _ in as_loader(d, batch_size=1024)] for d in datasets]
+    total = 0.0
+    with torch.no_grad():
+        for make in makers:
+            net.load_state_dict(make())
+            t0 = time.process_time()
+            for split in batches:
+                for x in split:
+                    net(x)
+            total += time.process_time() - t0
+    return total
+
+
+def _many_networks(
+    label: str,
+    a: torch.nn.Module,
+    b: torch.nn.Module,
+    c: torch.nn.Module,
+    splits: mc.data.Splits,
+    ts: int,
+    grid: int,
+    repeats: int,
+) -> None:
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    path = mc.BezierCurve([sa, sc, sb])
+    tgrid = torch.linspace(0, 1, ts).tolist()
+    both = [splits.train, splits.test]
+    pl = mc.landscape.plane(a, [sa, sc, sb], splits.test, grid=grid, progress=False)
+    cells = [(float(x), float(y)) for y in pl.ys for x in pl.xs]
+    cases = [
+        (
+            "evaluate_path",
+            [lambda t=t: path.state(t) for t in tgrid],
+            both,
+            lambda: mc.evaluate_path(a, path, splits, ts=ts, progress=False),
+        ),
+        (
+            "plane",
+            [lambda x=x, y=y: pl.basis.state(x, y) for x, y in cells],
+            [splits.test],
+            lambda: mc.landscape.plane(a, [sa, sc, sb], splits.test, grid=grid, progress=False),
+        ),
+        (
+            "curve_ensemble",
+            [lambda t=t: path.state(t) for t in tgrid],
+            [splits.test],
+            lambda: mc.curve_ensemble(a, path, splits.test, ts=ts),
+        ),
+    ]
+    for name, makers, datasets, ours in cases:
+        plain = _best(_plain_loop(a, makers, datasets), repeats)
+        bare = min(_bare_forwards(a, makers, datasets) for _ in range(repeats))
+        mine = _best(ours, repeats)
+        print(
+            f"   {label:22s} {name:14s} ({len(makers):3d} points) {mine:7.2f} s   "
+            f"/ plain loop {mine / plain:.2f}   / bare forwards {mine / bare:.2f}"
+        )
+
+
 def _pair(name: str, splits: mc.data.Splits, **kw: object) -> tuple[torch.nn.Module, ...]:
     return tuple(
         mc.models.create(
@@ -110,6 +200,23 @@ def main() -> None:
             f"   {name:8s} forwards {fwd * 1e3:7.1f} ms   evaluate_path {ev * 1e3:7.1f} ms   "
             f"ratio {ev / fwd:.2f}{'  (with BN reset per t)' if bn else ''}"
         )
+    print("3) many networks: ours / a plain per-point loop (<= 1.0) and / bare forwards (<= 1.2)")
+    a, b, c = (mc.models.create("mlp", input_shape=(40,), seed=s) for s in range(3))
+    _many_networks("MLP (MNIST-1D)", a, b, c, mnist, ts=25, grid=11, repeats=3)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 3, 8, 8, generator=gen)  # 16 tokens each: 1k train, 3k test tokens
+    y = torch.randint(0, 10, (256,), generator=gen)
+    small = mc.data.Splits(
+        train=torch.utils.data.TensorDataset(x[:64], y[:64]),
+        test=torch.utils.data.TensorDataset(x[64:], y[64:]),
+        input_shape=(3, 8, 8),
+        num_classes=10,
+    )
+    kw = {"dim": 768, "depth": 12, "num_heads": 12, "mlp_ratio": 4}
+    a, b, c = (
+        mc.models.create("transformer", input_shape=(3, 8, 8), seed=s, **kw) for s in range(3)
+    )
+    _many_networks("transformer 85M", a, b, c, small, ts=5, grid=3, repeats=1)
 
 
 if __name__ == "__main__":

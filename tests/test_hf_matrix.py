@@ -43,7 +43,6 @@ CHECKS = ("symmetry", "coverage", "attention", "planted")
 # (family, check or "*") -> the cause; remove an entry when its test starts passing
 TRACER = "tracer (symmetry-core): "
 HEADS = "head resolution (symmetry-attention): "
-WM = "weight matching (helper wm): "
 XFAIL: dict[tuple[str, str], str] = {
     ("bloom", "attention"): HEADS + "ALiBi pins the heads (Heads(fixed=True) not inferred: a "
     "pinned head axis may also be a moved one) and q/k/v are fused per head (strided slot)",
@@ -56,7 +55,6 @@ XFAIL: dict[tuple[str, str], str] = {
     "with a stride between heads (Slot has none), so whole heads move as plain blocks",
     ("falcon", "attention"): TRACER + "qkv[:, :, :, [-2]] (list indexing) pins the fused axis; "
     "then q/k/v fused per key/value group need a slot with a stride (Slot has none)",
-    ("mobilenet_v2", "planted"): WM + "default call stalls on the 17-block MobileNetV2",
 }
 
 

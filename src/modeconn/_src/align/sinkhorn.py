@@ -15,7 +15,7 @@ from ..errors import ConfigError, DataError
 from ..evaluation import DataLike, as_loader, model_device, resolve_device
 from ..progress import progress_bar
 from ..spec import Permutation, PermutationSpec, Slot, apply_permutation, unit_classes
-from ..state import check_compatible, check_finite
+from ..state import check_compatible, check_finite, lerp
 from .api import register_aligner, resolve_spec
 from .ste import fresh_buffers, midpoint_mode
 
@@ -270,10 +270,7 @@ def sinkhorn_matching(
                     t = float(torch.rand((), generator=gen))
                 else:
                     t = 0.5 if lam == "mid" else float(lam)
-                mid = {
-                    k: (1 - t) * a + t * permuted_b[k] if a.is_floating_point() else a
-                    for k, a in state_a.items()
-                }
+                mid = lerp(state_a, permuted_b, t)
                 mid.update(fresh_buffers(mid, buffer_names))
                 out = torch.func.functional_call(net, mid, (x.to(dev),))
                 value = F.cross_entropy(out, y.to(dev))

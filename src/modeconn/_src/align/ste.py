@@ -15,7 +15,7 @@ from ..errors import ConfigError, DataError
 from ..evaluation import DataLike, as_loader, model_device, resolve_device
 from ..progress import progress_bar
 from ..spec import Permutation, PermutationSpec, apply_permutation
-from ..state import check_compatible, check_finite
+from ..state import check_compatible, check_finite, combine
 from .api import register_aligner, resolve_spec
 from .weight import weight_matching
 
@@ -147,13 +147,8 @@ def ste_matching(
     opt = torch.optim.SGD(trainable, lr=lr, momentum=momentum)
 
     def midpoint(proj: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        mid: dict[str, Tensor] = {}
-        for k, a in state_a.items():
-            if a.is_floating_point():
-                mid[k] = 0.5 * a + 0.5 * proj[k]
-            else:
-                mid[k] = a.clone()  # integer buffers (num_batches_tracked) are updated in place
-        return mid
+        # integer buffers (num_batches_tracked) are copied from A: they are updated in place
+        return combine([state_a, proj], [0.5, 0.5])
 
     eval_set = []
     for i, batch in enumerate(as_loader(data, batch_size=batch_size)):

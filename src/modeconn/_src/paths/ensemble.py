@@ -13,7 +13,7 @@ their softmax outputs, ``p̄(y|x) = (1/K) Σ_k softmax(f(x; θ_k))_y``.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,10 +22,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError, DataError
-from ..evaluation import DataLike, as_loader, model_device, resolve_device, with_state
-from ..norm import needs_bn_reset, reset_bn
+from ..evaluation import (
+    DataLike,
+    StateRunner,
+    as_loader,
+    cache_batches,
+    model_device,
+    resolve_device,
+)
 from ..progress import progress_bar
 from ..state import check_compatible
+from .base import Path
+from .evaluate import path_point
 
 State = dict[str, Tensor]
 
@@ -63,7 +71,7 @@ class EnsembleResult:
 @torch.no_grad()
 def evaluate_ensemble(
     model: nn.Module,
-    states: Sequence[Mapping[str, Tensor]],
+    states: Iterable[Mapping[str, Tensor]],
     data: DataLike,
     *,
     bn_data: DataLike | None = None,
@@ -75,11 +83,11 @@ def evaluate_ensemble(
     ``p̄(y|x) = (1/K) Σ_k softmax(f(x; θ_k))_y``; accuracy of ``argmax p̄`` and NLL
     ``−mean log p̄(y|x)``. With BatchNorm layers and ``bn_data``, each member's running statistics
     are recomputed (``mc.reset_bn``) first. The data are read once, so a shuffling DataLoader is
-    fine.
+    fine; the members may be a generator (one state alive at a time).
 
     Args:
         model: the architecture (not modified).
-        states: the members' state dicts (at least one).
+        states: the members' state dicts (at least one; any iterable).
         data: evaluation data.
         bn_data: data for BatchNorm statistics (typically the training set), or ``None``.
         device: where to run (default: the model's device).
@@ -94,44 +102,33 @@ def evaluate_ensemble(
         >>> len(r.member_accuracies)
         2
     """
-    if not states:
-        raise ConfigError("an ensemble needs at least one member state")
-    check_compatible(list(states), [f"member {i}" for i in range(len(states))])
-    dev = resolve_device(device) if device is not None else model_device(model)
-    batches = [(x.to(dev), y.to(dev)) for x, y in as_loader(data, batch_size=batch_size)]
-    n = sum(len(y) for _, y in batches)
-    if n == 0:
-        raise DataError("cannot evaluate an ensemble on an empty dataset")
-    prob_sum = [torch.zeros(0)] * len(batches)
-    member_acc, member_loss = [], []
-    reset = bn_data is not None and needs_bn_reset(model)
-    for k, state in enumerate(states):
-        if reset:
-            net = reset_bn(with_state(model, state), bn_data, device=dev)
-            params = None
+    run = StateRunner(model, device=device, bn_data=bn_data, batch_size=batch_size)
+    batches = cache_batches(data, run.device, batch_size)
+    prob_sum: list[Tensor] = []
+
+    def collect(i: int, out: Tensor, y: Tensor) -> None:
+        p = out.double().softmax(-1)
+        if i < len(prob_sum):
+            prob_sum[i] += p
         else:
-            net = model
-            params = {name: v.to(dev) for name, v in state.items()}
-        was_training = net.training
-        net.eval()
-        correct, total_loss = 0, 0.0
-        try:
-            for b, (x, y) in enumerate(batches):
-                out = net(x) if params is None else torch.func.functional_call(net, params, (x,))
-                out = out.double()
-                total_loss += float(F.cross_entropy(out, y, reduction="sum"))
-                correct += int((out.argmax(-1) == y).sum())
-                p = out.softmax(-1)
-                prob_sum[b] = p if k == 0 else prob_sum[b] + p
-        finally:
-            net.train(was_training)
-        member_acc.append(correct / n)
-        member_loss.append(total_loss / n)
-    correct, nll = 0, 0.0
+            prob_sum.append(p)
+
+    member_acc, member_loss = [], []
+    first: Mapping[str, Tensor] | None = None
+    for k, state in enumerate(states):  # one member alive at a time
+        first = state if first is None else first
+        check_compatible([first, state], ["member 0", f"member {k}"])
+        m = run(state, batches, on_output=collect)
+        member_acc.append(m.accuracy)
+        member_loss.append(m.loss)
+    if first is None:
+        raise ConfigError("an ensemble needs at least one member state")
+    correct, nll, n = 0, 0.0, 0
     for (_, y), ps in zip(batches, prob_sum, strict=True):
-        p = ps / len(states)
+        p = ps / len(member_acc)
         correct += int((p.argmax(-1) == y).sum())
         nll += float(-p.gather(1, y.view(-1, 1)).clamp_min(1e-12).log().sum())
+        n += len(y)
     return EnsembleResult(correct / n, nll / n, member_acc, member_loss)
 
 
@@ -178,7 +175,12 @@ def curve_ensemble(
         grid = [float(t) for t in ts]
         if not grid or any(not 0.0 <= t <= 1.0 for t in grid):
             raise ConfigError("ts must be a non-empty list of values in [0, 1]")
-    states = [path.state(t) for t in grid]
+    # built one at a time as the ensemble runs (endpoints as they are)
+    states = (
+        (path_point(path, t)[0] for t in grid)
+        if isinstance(path, Path)
+        else (path.state(t) for t in grid)
+    )
     res = evaluate_ensemble(
         model, states, data, bn_data=bn_data, device=device, batch_size=batch_size
     )

@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
-import copy
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from ..errors import ConfigError, DataError
-from ..evaluation import DataLike, as_loader, model_device, resolve_device
-from ..norm import needs_bn_reset, reset_bn
+from ..evaluation import (
+    DataLike,
+    StateRunner,
+    cache_batches,
+    evaluate,
+    model_device,
+    resolve_device,
+)
+from ..norm import needs_bn_reset
 from ..progress import progress_bar
+from ..state import gram
 from .base import Path
 
 ENDPOINT_TOL = 1e-4
@@ -237,36 +242,28 @@ def _ts(ts: int | Sequence[float] | Tensor) -> Tensor:
     return torch.sort(out).values
 
 
-def _cache(data: DataLike, dev: torch.device, batch_size: int) -> list[tuple[Tensor, Tensor]]:
-    # Batches are materialised once on the device and reused at every t (saves the DataLoader's
-    # per-example collation T times over). Whole tensors are sliced without a DataLoader.
-    if isinstance(data, TensorDataset) and len(data.tensors) == 2:
-        data = tuple(data.tensors)
-    if isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
-        x, y = (t.to(dev) for t in data)
-        if len(x) != len(y):
-            raise DataError(f"inputs have {len(x)} rows but targets have {len(y)}")
-        batches = [
-            (x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(x), batch_size)
-        ]
-    else:
-        batches = [(x.to(dev), y.to(dev)) for x, y in as_loader(data, batch_size=batch_size)]
-    if not batches:
-        raise DataError("cannot evaluate on an empty dataset")
-    return batches
+def path_point(path: Path, t: float) -> tuple[Mapping[str, Tensor], bool]:
+    """``(θ(t), is_endpoint)``: an endpoint whose coefficient is a lone 1 is returned as it is
+    (``path.state`` would copy it bit for bit, ``state.combine``), anything else is built."""
+    if t in (0.0, 1.0):
+        c = path.coefficients(t)
+        if int((c != 0).sum()) == 1 and bool(c[-int(t)] == 1.0):
+            return path._points[-int(t)], True
+    return path.state(t), False
 
 
-@torch.no_grad()
-def _measure(
-    net: nn.Module, state: dict[str, Tensor] | None, batches: list[tuple[Tensor, Tensor]]
-) -> tuple[float, float]:
-    total, correct, n = 0.0, 0, 0
-    for x, y in batches:
-        out = net(x) if state is None else torch.func.functional_call(net, state, (x,))
-        total += float(F.cross_entropy(out, y, reduction="sum"))
-        correct += int((out.argmax(-1) == y).sum())
-        n += len(y)
-    return total / n, correct / n
+def _segment_lengths(path: Path, ts: Tensor, names: Sequence[str]) -> Tensor:
+    """``‖θ(t_i) − θ(t_{i−1})‖`` for consecutive ts (0 first), from the points' Gram matrix.
+
+    ``θ(t) = Σ c_i(t) θ_i`` with ``Σ c_i = 1``, so a step is ``Σ_{i≥1} d_i (θ_i − θ_0)`` with
+    ``d = c(t) − c(t')`` and its squared length ``dᵀ G d``, ``G_ij = ⟨θ_i − θ_0, θ_j − θ_0⟩``
+    (float64, computed once): no state is built for it.
+    """
+    gram_ = gram(path._points[1:], names, path._points[0])
+    coefs = torch.stack([path.coefficients(float(t)) for t in ts.tolist()])
+    step = (coefs[1:] - coefs[:-1])[:, 1:]
+    sq = torch.einsum("si,ij,sj->s", step, gram_, step).clamp_min(0.0)
+    return torch.cat([torch.zeros(1, dtype=torch.float64), sq.sqrt()])
 
 
 def evaluate_path(
@@ -331,17 +328,10 @@ def evaluate_path(
     if bn and bn_data is None:
         # The training split even when ``splits`` leaves it out of the evaluation.
         bn_data = everything.get("train", next(iter(named.values())))
-    cached = {name: _cache(d, dev, batch_size) for name, d in named.items()}
-    if bn:
-        # Pre-batched and on the device: reset_bn iterates it at every t without re-collating.
-        bn_batches = next((c for n, c in cached.items() if named[n] is bn_data), None)
-        bn_loader: DataLoader[tuple[Tensor, Tensor]] = DataLoader(
-            bn_batches or _cache(bn_data, dev, batch_size),  # type: ignore[arg-type]  # a list is a map-style dataset
-            batch_size=None,
-        )
-
-    net = copy.deepcopy(model).to(dev).eval()
-    work = copy.deepcopy(net) if bn else net  # θ(t) is loaded here before each BN reset
+    cached = {name: cache_batches(d, dev, batch_size) for name, d in named.items()}
+    if bn:  # the cached split when it is the BN data: statistics computed without re-collating
+        bn_data = next((c for n, c in cached.items() if named[n] is bn_data), bn_data)
+    run = StateRunner(model, device=dev, bn_data=bn_data if bn else None, batch_size=batch_size)
     if any(v.device != dev for v in path._points[0].values()):
         path = path.to(dev)  # θ(t) is built where it is used: no host round trip per t
     param_names = [n for n, _ in model.named_parameters()]
@@ -355,46 +345,26 @@ def evaluate_path(
     if pgd is not None:
         for r in results.values():
             r["robust_loss"], r["robust_accuracy"] = [], []
-    dl = [0.0]
-    prev: dict[str, Tensor] | None = None
     endpoint_error: float | None = None
     with progress_bar(progress, total=len(t_grid), description="evaluating path") as advance:
         for t in t_grid.tolist():
-            st = path.state(t)
-            if prev is not None:
-                sq = sum(
-                    float((st[n].double() - prev[n].double()).pow(2).sum()) for n in param_names
-                )
-                dl.append(sq**0.5)
-            prev = {n: st[n] for n in param_names}
-            if bn:
-                work.load_state_dict(st, strict=True)
-                net_t, state_t = reset_bn(work, bn_loader, device=dev), None
-            else:
-                net_t, state_t = net, st
+            st, exact = path_point(path, t)
+            net_t, state_t = run.network(st)
             for name, batches in cached.items():
-                loss, acc = _measure(net_t, state_t, batches)
-                results[name]["loss"].append(loss)
-                results[name]["accuracy"].append(acc)
+                m = evaluate(net_t, batches, state=state_t, device=dev)
+                results[name]["loss"].append(m.loss)
+                results[name]["accuracy"].append(m.accuracy)
                 if pgd is not None:
                     # Same random starts at every t (seed 0), so the curve compares like with like.
-                    m = robust_evaluate(
-                        net_t,
-                        named[name],
-                        pgd,
-                        state=state_t,
-                        device=dev,
-                        batch_size=batch_size,
-                        seed=0,
-                    )
+                    m = robust_evaluate(net_t, batches, pgd, state=state_t, device=dev, seed=0)
                     results[name]["robust_loss"].append(m.loss)
                     results[name]["robust_accuracy"].append(m.accuracy)
             if t in endpoints:
-                err = _endpoint_error(
-                    net, net_t, state_t, endpoints[t], st, bn, cached[primary][0][0]
-                )
+                err = 0.0 if exact else _endpoint_error(endpoints[t], st)
                 endpoint_error = max(endpoint_error or 0.0, err)
+            del st, net_t, state_t  # one θ(t) alive at a time
             advance(f"t={t:.3f}")
+    dl = _segment_lengths(path, t_grid, param_names)
     if endpoint_error is not None and endpoint_error > ENDPOINT_TOL:
         warnings.warn(
             f"the path does not reproduce its endpoints (max deviation {endpoint_error:.2e} > "
@@ -408,7 +378,7 @@ def evaluate_path(
             for n, r in results.items()
         },
         primary=primary,
-        dl=torch.tensor(dl, dtype=torch.float64),
+        dl=dl,
         endpoint_error=endpoint_error,
         meta={
             "kind": path.kind,
@@ -420,14 +390,14 @@ def evaluate_path(
 
 
 @torch.no_grad()
-def _endpoint_error(net, net_t, state_t, endpoint, st, bn: bool, x: Tensor) -> float:
-    """Deviation of the evaluated θ(t) from the endpoint it should equal."""
-    if bn:
-        # BN statistics are recomputed identically from identical tensors: compare the tensors.
-        return max(
-            float((st[k].double() - v.to(st[k].device).double()).abs().max()) if v.numel() else 0.0
+def _endpoint_error(endpoint: Mapping[str, Tensor], st: Mapping[str, Tensor]) -> float:
+    """Largest deviation of the evaluated θ(t) from the endpoint it should equal (tensors:
+    equal tensors give equal outputs, and no forward pass is spent on it)."""
+    return max(
+        (
+            float((st[k].double() - v.to(st[k].device).double()).abs().max())
             for k, v in endpoint.items()
-        )
-    ref = torch.func.functional_call(net, {k: v.to(x.device) for k, v in endpoint.items()}, (x,))
-    out = torch.func.functional_call(net_t, state_t, (x,))
-    return float((out - ref).abs().max())
+            if v.numel() and v.is_floating_point()
+        ),
+        default=0.0,
+    )

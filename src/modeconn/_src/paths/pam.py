@@ -47,7 +47,7 @@ from ..spec import (
     check_permutation,
     identity_permutation,
 )
-from ..state import check_compatible
+from ..state import check_compatible, lerp
 from .fit import InputTransform, _AtTheta
 
 State = dict[str, Tensor]
@@ -187,12 +187,8 @@ def _soft_apply(
 
 
 def _curve_point(state_a: Mapping[str, Tensor], state_b: Mapping[str, Tensor], t: float) -> State:
-    """``(1 − t)·θ_A + t·θ_B`` on floating tensors (differentiable); integer buffers copied."""
-    out: State = {}
-    for k, a in state_a.items():
-        b = state_b[k]
-        out[k] = (1.0 - t) * a + t * b if a.is_floating_point() else a.clone()
-    return out
+    """``(1 − t)·θ_A + t·θ_B`` on floating tensors (``state.lerp``, differentiable)."""
+    return lerp(state_a, state_b, t)
 
 
 def _loss(model: nn.Module, params: Mapping[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
