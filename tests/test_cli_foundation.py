@@ -132,8 +132,10 @@ def test_demo_fast_writes_report_and_reuses_cache(run_cli, tmp_path):
     assert "linear path" in stdout and "barrier" in stdout
     assert sorted(p.name for p in out.iterdir()) == [
         "endpoint_a.safetensors", "endpoint_b.safetensors", "path.png", "plane_bezier.png",
-        "plane_bezier_act.png", "report.json",
+        "plane_bezier_act.png", "report.html", "report.json",
     ]  # fmt: skip
+    page = (out / "report.html").read_text()  # self-contained: every figure is inline SVG
+    assert page.count("<svg") == 3 and "<img" not in page and "test loss barrier" in page
     for png in ("path.png", "plane_bezier.png", "plane_bezier_act.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = json.loads((out / "report.json").read_text())

@@ -87,6 +87,10 @@ from ._src.paths.curves import curve_kinds
 from ._src.paths.io import PATH_FILENAME
 from ._src.demo import DemoConfig, run_demo
 
+# --- sweeps and reports ----------------------------------------------------------------------
+from ._src import sweep
+from ._src.html_report import write_report
+
 # The public names, by section (docs/API.md documents each). Keep in step with the imports above:
 # tests/test_public_api.py checks that every imported public name is listed here and vice versa.
 __all__ = [
@@ -127,4 +131,6 @@ __all__ = [
     "atomic_write", "json_default",
     "check_data_fits", "check_finite_state", "check_model_size", "is_import_path", "refuse_code",
     "MergeRun", "run_recipe", "curve_kinds", "PATH_FILENAME", "DemoConfig", "run_demo",
+    # sweeps and reports
+    "sweep", "write_report",
 ]  # fmt: skip

@@ -5,7 +5,8 @@ pipeline: load MNIST-1D -> train (or reuse from the cache) two endpoints differi
 -> evaluate the linear path between them -> align B onto A (activation matching, weight
 matching) and evaluate the linear paths to the aligned B -> learn Bezier curves between A and B,
 unaligned and aligned (the seed paper's comparison) -> print tables and write ``report/``
-(report.json, path.png, the endpoint checkpoints). A later stage adds a path by putting a
+(report.json, report.html, path.png, the endpoint checkpoints). A later stage adds a path by
+putting a
 ``PathEvaluation`` into ``ctx["paths"][label]``; the report shows every path in its summary
 table and plot. Insert stages with :func:`default_stages` + list operations.
 """
@@ -308,7 +309,8 @@ def _barriers(ev: Any) -> dict[str, float]:
 
 
 def stage_report(ctx: Context) -> None:
-    """Write ``report.json``, ``path.png`` and the endpoint checkpoints into ``config.out``
+    """Write ``report.json``, ``report.html``, ``path.png`` and the endpoint checkpoints into
+    ``config.out``
     (each file atomically): ``ctx["files"]``."""
     import shutil
 
@@ -347,6 +349,9 @@ def stage_report(ctx: Context) -> None:
     with atomic_write(dest, "w") as f:
         json.dump(report, f, indent=2, default=str)
     files.append(str(dest))
+    from .html_report import write_report
+
+    files.append(str(write_report(out)))  # report.html: the same, one self-contained page
     ctx["report"], ctx["files"] = report, files
     ctx["say"](f"wrote {', '.join(files)}")
 

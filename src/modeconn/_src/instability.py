@@ -24,7 +24,8 @@ class InstabilityResult:
 
     Attributes:
         spawn: the spawn epochs k.
-        barrier: loss barrier between the two children (train split when the data has one).
+        barrier: loss barrier between the two children (test split when the data has one,
+            modeconn's barrier convention).
         error_barrier: error barrier between the children (test split when the data has one).
         child_accuracy: the two children's accuracies on that split, per k.
         splits: ``{"loss": split, "error": split}`` the barriers were measured on.
@@ -92,7 +93,7 @@ def instability(
 
     Args:
         model: the initial network (not modified).
-        data: training data, or a ``Splits`` (loss barrier on train, error barrier on test).
+        data: training data, or a ``Splits`` (barriers on its test split).
         spawn: spawn epochs k, each in ``[0, epochs)``.
         epochs: total training epochs.
         seeds: the two children's seeds.
@@ -160,7 +161,7 @@ def instability(
 
     if test_data is not None:
         named = {"train": train_data, "test": test_data}
-        loss_split, err_split = "train", "test"
+        loss_split, err_split = "test", "test"
     else:
         named, loss_split, err_split = {"data": train_data}, "data", "data"
     result = InstabilityResult([], [], [], splits={"loss": loss_split, "error": err_split})

@@ -11,7 +11,7 @@ def _no_advance(text: str | None = None) -> None:
 
 @contextlib.contextmanager
 def progress_bar(
-    enabled: bool, *, total: int, description: str = "working"
+    enabled: bool, *, total: int, description: str = "working", eta: bool = False
 ) -> Iterator[Callable[[str | None], None]]:
     """Yield ``advance(text=None)``: one step forward (and an optional new description).
 
@@ -23,6 +23,7 @@ def progress_bar(
         enabled: draw the bar.
         total: number of steps.
         description: label shown beside the bar.
+        eta: also show the estimated time remaining.
 
     Returns:
         A context manager yielding ``advance``.
@@ -36,17 +37,25 @@ def progress_bar(
         yield _no_advance
         return
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     console = Console(stderr=True)
     if not console.is_terminal:  # rich would only leave a stray blank line behind
         yield _no_advance
         return
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn()]  # fmt: skip
+    if eta:
+        columns += [TextColumn("eta"), TimeRemainingColumn()]
     with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
+        *columns,
         console=console,
         transient=True,
     ) as bar:

@@ -38,6 +38,29 @@ def plot_paths(
     Example:
         >>> plot_paths({"linear": ev_lin, "curve": ev_curve}, "report/paths.png")  # doctest: +SKIP
     """
+    fig = paths_figure(evaluations, split=split, title=title)
+    dest = Path(path)
+    with atomic_path(dest) as tmp:
+        fig.savefig(tmp, dpi=dpi, format=dest.suffix.lstrip(".") or "png")
+    return dest
+
+
+def paths_figure(
+    evaluations: Mapping[str, Any], *, split: str | None = None, title: str | None = None
+) -> Any:
+    """The figure :func:`plot_paths` saves: loss (left) and accuracy (right, %) against t.
+
+    Args:
+        evaluations: ``{label: PathEvaluation}``.
+        split: which split to draw (default: each evaluation's primary split).
+        title: figure title.
+
+    Returns:
+        A ``matplotlib.figure.Figure`` on an Agg canvas (no global pyplot state).
+
+    Example:
+        >>> fig = paths_figure({"linear": ev})  # doctest: +SKIP
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -54,26 +77,26 @@ def plot_paths(
             ts, ev.values("loss", name).tolist(), marker="o", ms=3, color=color, label=label
         )
         ax_acc.plot(
-            ts, ev.values("accuracy", name).tolist(), marker="o", ms=3, color=color, label=label
+            ts, (100 * ev.values("accuracy", name)).tolist(), marker="o", ms=3, color=color,
+            label=label,
         )
         if "robust_accuracy" in ev.results[name]:
             ax_acc.plot(
                 ts,
-                ev.values("robust_accuracy", name).tolist(),
+                (100 * ev.values("robust_accuracy", name)).tolist(),
                 ls="--",
                 color=color,
                 label=f"{label} (robust)",
             )
     split_name = split or next(iter(evaluations.values())).primary
-    ax_loss.set(xlabel="t", ylabel=f"loss ({split_name})", title="loss along the path")
-    ax_acc.set(xlabel="t", ylabel=f"accuracy ({split_name})", title="accuracy along the path")
+    ax_loss.set(xlabel="position on the path t (0: A, 1: B)",
+                ylabel=f"{split_name} loss (cross-entropy, nats)", title="loss along the path")
+    ax_acc.set(xlabel="position on the path t (0: A, 1: B)", ylabel=f"{split_name} accuracy (%)",
+               title="accuracy along the path")
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         ax.set_xlim(0, 1)
     ax_acc.legend(fontsize="small")
     if title:
         fig.suptitle(title)
-    dest = Path(path)
-    with atomic_path(dest) as tmp:
-        fig.savefig(tmp, dpi=dpi, format=dest.suffix.lstrip(".") or "png")
-    return dest
+    return fig

@@ -44,6 +44,7 @@ def _barriers(model_a: Any, sa: Any, sb: Any, splits: Any, points: int, device: 
     return {
         "loss_barrier": float(ev.barrier("loss")),
         "error_barrier": float(ev.barrier("error")),
+        "barrier_split": "test",
         "loss": [float(v) for v in ev.loss],
         "accuracy": [float(v) for v in ev.accuracy],
         "ts": [float(t) for t in ev.ts],
@@ -147,7 +148,7 @@ def command(
         result.update(before=before, after=after)
         print_table(
             f"linear path A -> B on the test split ({points} points), method {method}",
-            ["", "loss barrier", "error barrier", "midpoint accuracy"],
+            ["", "test loss barrier", "test error barrier", "midpoint test accuracy"],
             [
                 ["naive", before["loss_barrier"], before["error_barrier"], _mid(before)],
                 ["aligned", after["loss_barrier"], after["error_barrier"], _mid(after)],

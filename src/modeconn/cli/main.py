@@ -75,6 +75,7 @@ from . import merge as _merge  # noqa: E402
 from . import methods as _methods  # noqa: E402
 from . import paths as _paths  # noqa: E402
 from . import spec as _spec  # noqa: E402
+from . import sweep as _sweep  # noqa: E402
 from . import train as _train  # noqa: E402
 
 _register("demo", _demo.command)
@@ -89,6 +90,8 @@ _register("subspace", _methods.subspace)
 _register("interpolate", _paths.interpolate)
 _register("curve", _paths.curve)
 _register("evaluate", _paths.evaluate)
+_register("sweep", _sweep.command)
+_register("report", _sweep.report)
 
 
 def _one_line(text: object) -> str:

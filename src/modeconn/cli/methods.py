@@ -64,7 +64,7 @@ def instability(
     only in SGD noise, finish both, and measure the barrier on the line between them.
 
     --seed sets the initialisation and the shared first k epochs; --seeds the two children.
-    Loss barrier on the train split, error barrier on the test split.
+    Loss and error barriers on the test split.
     """
     import modeconn as mc
 
@@ -89,7 +89,7 @@ def instability(
     ]
     print_table(
         f"instability of {model} on {data}, {epochs} epochs, children seeds {pair}",
-        ["spawn epoch", "loss barrier (train)", "error barrier (test)", "children test acc"],
+        ["spawn epoch", "test loss barrier", "test error barrier", "children test acc"],
         rows,
     )
     if json_path is not None:
@@ -148,13 +148,15 @@ def autoneb(
             net_a, path, named, ts=points, bn_data=splits.train, device=device, progress=progress
         )
     rows = [
-        [label, ev.barrier("loss", "train"), ev.barrier("error", "test"),
-         ev.summary("loss", "train")["max"], ev.summary("accuracy", "test")["min"]]
+        [label, ev.barrier("loss", "test"), ev.barrier("error", "test"),
+         ev.barrier("loss", "train"), ev.summary("loss", "test")["max"],
+         ev.summary("accuracy", "test")["min"]]
         for label, ev in evs.items()
     ]  # fmt: skip
     print_table(
-        f"AutoNEB {model_a.name} -> {model_b.name} (loss: train split; error, accuracy: test)",
-        ["path", "loss barrier", "error barrier", "max loss", "min acc"],
+        f"AutoNEB {model_a.name} -> {model_b.name}",
+        ["path", "test loss barrier", "test error barrier", "train loss barrier",
+         "max test loss", "min test acc"],
         rows,
     )
     result = {

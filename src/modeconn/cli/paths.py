@@ -75,9 +75,10 @@ def _summary_rows(evaluations: dict[str, Any]) -> list[list[Any]]:
         acc = ev.summary("accuracy", "test")
         row = [
             label,
-            ev.barrier("loss", "train"),
+            ev.barrier("loss", "test"),
             ev.barrier("error", "test"),
-            ev.summary("loss", "train")["max"],
+            ev.barrier("loss", "train"),
+            ev.summary("loss", "test")["max"],
             acc["min"],
             acc["mean"],
             acc["arc_mean"],
@@ -89,14 +90,25 @@ def _summary_rows(evaluations: dict[str, Any]) -> list[list[Any]]:
 
 
 def _print_summary(title: str, evaluations: dict[str, Any]) -> None:
-    cols = ["path", "loss barrier", "error barrier", "max loss", "min acc", "mean acc", "arc acc"]
+    cols = ["path", "test loss barrier", "test error barrier", "train loss barrier",
+            "max test loss", "min test acc", "mean test acc", "arc test acc"]  # fmt: skip
     if any("robust_accuracy" in ev.results["test"] for ev in evaluations.values()):
-        cols.append("robust acc")
+        cols.append("robust test acc")
     print_table(
-        f"{title} (loss: train split; error, accuracy: test split)",
+        f"{title} (barriers: max over t of the value minus the line between the ends' values)",
         cols,
         _summary_rows(evaluations),
     )
+
+
+def _barriers(ev: Any) -> dict[str, Any]:
+    """The JSON barrier keys: ``loss_barrier`` and ``error_barrier`` on the test split."""
+    return {
+        "loss_barrier": ev.barrier("loss", "test"),
+        "error_barrier": ev.barrier("error", "test"),
+        "train_loss_barrier": ev.barrier("loss", "train"),
+        "barrier_split": "test",
+    }
 
 
 def _print_per_t(ev: Any) -> None:
@@ -182,7 +194,8 @@ def interpolate(
     if json_path is not None:
         write_json(
             json_path,
-            {"a": str(model_a), "b": str(model_b), "align": align, "evaluation": ev.to_dict()},
+            {"a": str(model_a), "b": str(model_b), "align": align, **_barriers(ev),
+             "evaluation": ev.to_dict()},  # fmt: skip
         )
     check_finite_results({label: ev})
 
@@ -313,7 +326,12 @@ def curve(
     lin_label = f"linear+{align}" if align else "linear"
     evaluations = {lin_label: ev_line, label: ev}
     _print_summary(f"{kind} curve with {bends} bend(s), {epochs} epochs", evaluations)
-    result = {"curve": ev.to_dict(), "linear": ev_line.to_dict(), "settings": path.meta}
+    result = {
+        "barriers": {label: _barriers(ev), lin_label: _barriers(ev_line)},
+        "curve": ev.to_dict(),
+        "linear": ev_line.to_dict(),
+        "settings": path.meta,
+    }
     write_json(out / EVAL_FILE, result)
     plot_paths(
         evaluations, out / PLOT_FILE, split="test", title=f"{model_a.name} -> {model_b.name}"
@@ -370,5 +388,7 @@ def evaluate(
         plot_paths({label: ev}, plot, split="test", title=str(path_dir))
         console.print(f"wrote {plot}")
     if json_path is not None:
-        write_json(json_path, {"path": str(path_dir), "evaluation": ev.to_dict()})
+        write_json(
+            json_path, {"path": str(path_dir), **_barriers(ev), "evaluation": ev.to_dict()}
+        )
     check_finite_results({label: ev})

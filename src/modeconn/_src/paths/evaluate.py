@@ -25,6 +25,9 @@ from ..state import gram
 from .base import Path
 
 ENDPOINT_TOL = 1e-4
+# modeconn's convention: "loss barrier" / "error barrier" (tables, JSON, sqlite, plots) mean the
+# barrier on this split; other splits are always named (e.g. "train loss barrier").
+BARRIER_SPLIT = "test"
 _METRICS = ("loss", "error", "accuracy", "robust_loss", "robust_error", "robust_accuracy")
 
 
@@ -114,6 +117,9 @@ class PathEvaluation:
         ``max_t [ L(θ(t)) − ((1 − t) L(θ(0)) + t L(θ(1))) ]`` over the evaluated ts, where the
         baseline interpolates the values at the first and last t (the endpoints when ts span
         [0, 1]).
+
+        Everywhere modeconn reports an unqualified "loss barrier" it is this value on the
+        ``test`` split (:data:`BARRIER_SPLIT`), which is the primary split when evaluated.
 
         Args:
             metric: ``"loss"`` or ``"error"`` (or ``"robust_loss"``/``"robust_error"``).
