@@ -253,6 +253,14 @@ def test_cli_sam_swa_instability_autoneb(run_cli, tmp_path):
                 "--points", "5", "--no-progress")  # fmt: skip
     assert r.code == 0, r.err
     assert isinstance(mc.load_path(tmp_path / "neb"), mc.PolyChain)
+    assert (tmp_path / "neb" / mc.PATH_FILENAME).is_file()
+    assert (tmp_path / "neb" / "evaluation.json").is_file()
+    # the output checks of every command: an input as --out, a missing folder without --mkdir
+    before = a.read_bytes()
+    r = run_cli("autoneb", a, b, "--out", a, "--no-progress")
+    assert r.code == 2 and "is also an input" in r.err and a.read_bytes() == before, r.err
+    r = run_cli("autoneb", a, b, "--out", tmp_path / "no" / "neb", "--no-progress")
+    assert r.code == 2 and "--mkdir" in r.err and not (tmp_path / "no").exists(), r.err
     j = tmp_path / "inst.json"
     r = run_cli("instability", "--spawn", "0,2", "--epochs", "3", "--points", "5", "--json", j,
                 *common)  # fmt: skip

@@ -11,13 +11,13 @@ from .common import (
     DataOpt,
     DeviceOpt,
     JsonOpt,
+    MkdirOpt,
     ModelArgsOpt,
     ModelOpt,
     ProgressOpt,
     SeedOpt,
     build_model,
-    check_out_dir,
-    check_out_path,
+    check_outputs,
     console,
     load_data_arg,
     load_model_arg,
@@ -26,6 +26,20 @@ from .common import (
     print_table,
     write_json,
 )
+
+
+def _check_folder_outputs(
+    out: Path, json_path: Path | None, inputs: list[Any], mkdir: bool
+) -> None:
+    """The output check of the commands that write a folder (a path file + evaluation.json)."""
+    import modeconn as mc
+
+    check_outputs(
+        {"--out": out, "--json": json_path},
+        inputs=[i for i in inputs if i is not None],
+        mkdir=mkdir,
+        folders={"--out": (mc.PATH_FILENAME, "evaluation.json")},
+    )
 
 
 def _ints(text: str, option: str) -> list[int]:
@@ -58,6 +72,7 @@ def instability(
     seed: SeedOpt = 0,
     device: DeviceOpt = None,
     json_path: JsonOpt = None,
+    mkdir: MkdirOpt = False,
     progress: ProgressOpt = True,
 ) -> None:
     """Instability analysis (Frankle et al. 2020): train to epoch k, spawn two copies that differ
@@ -68,8 +83,7 @@ def instability(
     """
     import modeconn as mc
 
-    if json_path is not None:
-        check_out_path(json_path)
+    check_outputs({"--json": json_path}, mkdir=mkdir)
     ks, pair = _ints(spawn, "--spawn"), _ints(seeds, "--seeds")
     if len(pair) != 2:
         raise mc.ConfigError(f"--seeds takes two seeds, e.g. 0,1; got {seeds!r}")
@@ -113,6 +127,7 @@ def autoneb(
     seed: SeedOpt = 0,
     device: DeviceOpt = None,
     json_path: JsonOpt = None,
+    mkdir: MkdirOpt = False,
     progress: ProgressOpt = True,
 ) -> None:
     """A low-loss polygonal chain between A and B by AutoNEB (Draxler et al. 2018).
@@ -122,9 +137,7 @@ def autoneb(
     """
     import modeconn as mc
 
-    check_out_dir(out)
-    if json_path is not None:
-        check_out_path(json_path)
+    _check_folder_outputs(out, json_path, [model_a, model_b, data], mkdir)
     if points < 2:
         raise mc.ConfigError(f"--points must be >= 2, got {points}")
     net_a = load_model_arg(model_a, model, model_arg, device=device)
@@ -137,7 +150,8 @@ def autoneb(
         )  # fmt: skip
     source = data or (getattr(net_a, "modeconn_meta", None) or {}).get("data") or splits.name
     chain.meta.update(data=source, endpoints=[str(model_a), str(model_b)])
-    file = chain.save(out)
+    out.mkdir(parents=True, exist_ok=True)
+    file = chain.save(out / mc.PATH_FILENAME)
     evs = {}
     named = {"train": splits.train, "test": splits.test}
     for label, path in (
@@ -194,7 +208,8 @@ def _finish(out: Path, path: Any, net: Any, splits: Any, points: int, samples: i
     """Save ``path`` to OUT, evaluate it (and random simplex points), print, write JSON."""
     import modeconn as mc
 
-    file = path.save(out)
+    out.mkdir(parents=True, exist_ok=True)
+    file = path.save(out / mc.PATH_FILENAME)
     ev = mc.evaluate_path(net, path, {"train": splits.train, "test": splits.test}, ts=points,
                           bn_data=splits.train, device=device, progress=progress)  # fmt: skip
     acc = ev.summary("accuracy", "test")
@@ -242,6 +257,7 @@ def simplex(
     seed: SeedOpt = 0,
     device: DeviceOpt = None,
     json_path: JsonOpt = None,
+    mkdir: MkdirOpt = False,
     progress: ProgressOpt = True,
 ) -> None:
     """A low-loss simplicial complex between A and B (SPRO, Benton et al. 2021).
@@ -252,9 +268,7 @@ def simplex(
     """
     import modeconn as mc
 
-    check_out_dir(out)
-    if json_path is not None:
-        check_out_path(json_path)
+    _check_folder_outputs(out, json_path, [model_a, model_b, data], mkdir)
     if points < 2 or samples < 0:
         raise mc.ConfigError(f"need --points >= 2 and --samples >= 0, got {points}, {samples}")
     net_a = load_model_arg(model_a, model, model_arg, device=device)
@@ -293,6 +307,7 @@ def subspace(
     seed: SeedOpt = 0,
     device: DeviceOpt = None,
     json_path: JsonOpt = None,
+    mkdir: MkdirOpt = False,
     progress: ProgressOpt = True,
 ) -> None:
     """Train a line, curve or simplex of networks from scratch (Wortsman et al. 2021).
@@ -301,9 +316,7 @@ def subspace(
     """
     import modeconn as mc
 
-    check_out_dir(out)
-    if json_path is not None:
-        check_out_path(json_path)
+    _check_folder_outputs(out, json_path, [data], mkdir)
     if points < 2 or samples < 0:
         raise mc.ConfigError(f"need --points >= 2 and --samples >= 0, got {points}, {samples}")
     splits = load_data_arg(data)
