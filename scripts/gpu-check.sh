@@ -31,7 +31,7 @@ mc curve a.safetensors bw.safetensors --data mnist1d --kind bezier --bends 1 --e
 mc evaluate curve --data mnist1d --points 9 "${d[@]}"
 mc merge a.safetensors bw.safetensors --method average --out avg.safetensors "${d[@]}"
 mc merge a.safetensors bw.safetensors --method fisher --data mnist1d --out fisher.safetensors "${d[@]}"
-mc autoneb a.safetensors b.safetensors --data mnist1d --out neb.safetensors "${d[@]}" || echo "(autoneb options differ; see --help)"
+mc autoneb a.safetensors b.safetensors --data mnist1d --out neb --cycles 2 --steps 50 "${d[@]}"
 
 echo "== 3. evaluate_path: GPU vs CPU"
 (cd "$work" && $py - <<'PY'
