@@ -70,3 +70,21 @@ def test_paths_landscapes_and_ensembles_on_cuda_match_the_cpu():
     run = StateRunner(a, device="cuda", bn_data=splits["train"])
     m = run(b.state_dict(), cache_batches(splits["test"], "cuda"))
     assert m.n == 80 and next(run.net.parameters()).is_cuda
+
+
+def test_every_aligner_runs_on_cuda_models_with_cpu_data():
+    """Models on the GPU, data on the CPU (a user's usual case): the spec is traced where the model
+    lives, and every aligner that needs no training loop returns the CPU answer."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(128, 6, generator=g), torch.randint(0, 3, (128,), generator=g)
+    a, b = _pair(0), _pair(1)
+    spec_cpu = mc.infer_spec(a, x[:4], warn=False)
+    spec_gpu = mc.infer_spec(a.cuda(), x[:4], warn=False)  # CPU inputs, GPU model
+    assert spec_gpu.groups == spec_cpu.groups
+    a, b = a.cpu(), b.cpu()
+    for method in ("weight", "activation"):
+        on_cpu = mc.align(a, b, method=method, data=(x, y))
+        on_gpu = mc.align(a.cuda(), b.cuda(), method=method, data=(x, y))
+        a, b = a.cpu(), b.cpu()
+        for k, v in on_cpu.state_dict().items():
+            torch.testing.assert_close(on_gpu.state_dict()[k].cpu(), v, rtol=1e-4, atol=1e-5)

@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..errors import SpecError
+from ..evaluation import model_device
 from ..spec import PermutationSpec
 from . import attention, rules_index, rules_layers, rules_pointwise, rules_shape  # noqa: F401
 from .emit import emit_spec
@@ -117,6 +119,8 @@ def infer_spec(
     """
     if not isinstance(model, nn.Module):
         raise SpecError(f"infer_spec expects an nn.Module, got {type(model).__name__}")
+    # inputs from a CPU dataset for a model on a GPU: trace where the model lives
+    example_inputs = _on_device(example_inputs, model_device(model))
     tr = trace_model(model, example_inputs, leaf_modules=leaf_modules)
     w = Walk(model, tr, warn)
     w.run()
@@ -125,3 +129,14 @@ def infer_spec(
     if verify:
         spec = verify_spec(model, spec, example_inputs, warn)
     return spec
+
+
+def _on_device(x: Any, device: torch.device) -> Any:
+    """``x`` (a tensor, or tuples/lists/dicts of them) with every tensor moved to ``device``."""
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, tuple | list):
+        return type(x)(_on_device(v, device) for v in x)
+    if isinstance(x, dict):
+        return {k: _on_device(v, device) for k, v in x.items()}
+    return x
