@@ -15,7 +15,6 @@ writes only through :func:`write_json` / ``modeconn.atomic_write``.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
 import math
 import os
@@ -219,38 +218,17 @@ def recorded_data(meta: Mapping[str, Any] | None) -> str | None:
 
 
 def build_model(name: str, splits: Any, model_args: Mapping[str, Any], *, seed: int) -> Any:
-    """Build ``--model`` for ``splits``: ``input_shape``/``num_classes`` come from the data
-    (unless given in ``model_args``); the initialisation is seeded with ``seed``.
+    """Build ``--model`` for ``splits`` (``mc.models.create_for``: shapes from the data, size
+    checked first, initialisation seeded with ``seed``).
 
     Example:
         >>> import modeconn as mc
         >>> build_model("mlp", mc.data.load("digits"), {}, seed=0).modeconn_config["name"]
         'mlp'
     """
-    import importlib
+    from modeconn.models import create_for
 
-    import torch
-
-    from modeconn import check_model_size
-    from modeconn.models import create, resolve
-
-    kwargs = dict(model_args)
-    if ":" not in name:
-        kwargs.setdefault("input_shape", list(splits.input_shape))
-        kwargs.setdefault("num_classes", splits.num_classes)
-        check_model_size(lambda: create(name, seed=seed, **kwargs), name=name)
-        return create(name, seed=seed, **kwargs)
-    mod, _, fn = name.partition(":")
-    with contextlib.suppress(Exception):
-        params = inspect.signature(getattr(importlib.import_module(mod), fn)).parameters
-        if "input_shape" in params:
-            kwargs.setdefault("input_shape", list(splits.input_shape))
-        if "num_classes" in params:
-            kwargs.setdefault("num_classes", splits.num_classes)
-    check_model_size(lambda: resolve(name, **kwargs), name=name)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return resolve(name, **kwargs)
+    return create_for(name, splits, model_args, seed=seed)
 
 
 def check_finite_losses(

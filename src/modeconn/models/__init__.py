@@ -179,6 +179,52 @@ def resolve(spec: str, **kwargs: Any) -> nn.Module:
 
 
 # Import the built-in families so they register themselves (order fixes names()).
+def create_for(
+    name: str, splits: Any, model_args: Any = None, *, seed: int = 0
+) -> nn.Module:
+    """Build a zoo model or a ``package.module:function`` for a dataset, seeded.
+
+    ``input_shape`` and ``num_classes`` come from ``splits`` (a ``mc.data.Splits``) unless
+    ``model_args`` sets them (for an import path, only if the function takes them). The model's
+    size is checked on the meta device first, so options asking for an absurd size are one
+    :class:`ConfigError` before anything is allocated. An import path is imported: call this only
+    for a name the user gave (command line or Python), never one read from a file.
+
+    Args:
+        name: a zoo name (:func:`names`) or ``"package.module:function"``.
+        splits: the data the model is for (``input_shape``, ``num_classes``).
+        model_args: options for the factory.
+        seed: seeds the initialisation.
+
+    Returns:
+        The untrained ``nn.Module``.
+
+    Example:
+        >>> import modeconn as mc
+        >>> create_for("mlp", mc.data.load("digits"), {"width": 8}, seed=0).modeconn_config["name"]
+        'mlp'
+    """
+    from .._src.validate import check_model_size
+
+    kwargs = dict(model_args or {})
+    if ":" not in name:
+        kwargs.setdefault("input_shape", list(splits.input_shape))
+        kwargs.setdefault("num_classes", splits.num_classes)
+        check_model_size(lambda: create(name, seed=seed, **kwargs), name=name)
+        return create(name, seed=seed, **kwargs)
+    mod, _, fn = name.partition(":")
+    with contextlib.suppress(Exception):
+        params = inspect.signature(getattr(importlib.import_module(mod), fn)).parameters
+        if "input_shape" in params:
+            kwargs.setdefault("input_shape", list(splits.input_shape))
+        if "num_classes" in params:
+            kwargs.setdefault("num_classes", splits.num_classes)
+    check_model_size(lambda: resolve(name, **kwargs), name=name)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return resolve(name, **kwargs)
+
+
 from . import cnn, cnn1d, mlp, resnet, transformer  # noqa: E402, F401
 
-__all__ = ["create", "names", "register", "resolve"]
+__all__ = ["create", "create_for", "names", "register", "resolve"]

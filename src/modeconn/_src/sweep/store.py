@@ -45,22 +45,13 @@ def load_data(source: str, args: Mapping[str, Any]) -> Any:
 def build_model(spec: Mapping[str, Any], splits: Any) -> Any:
     """The untrained endpoint: ``spec["model"]`` with its options, seeded with ``spec["seed"]``.
 
-    Input shape and number of classes come from ``splits`` unless the options set them. An
-    import path (``pkg.mod:fn``) is built only after :func:`check_grid` accepted it.
+    Input shape and number of classes come from ``splits`` unless the options set them
+    (``mc.models.create_for``). An import path (``pkg.mod:fn``) is built only after
+    :func:`check_grid` accepted it.
     """
-    import torch
+    from ...models import create_for
 
-    from ... import models
-    from ..trust import is_import_path
-
-    kwargs = dict(spec["model_args"])
-    if not is_import_path(spec["model"]):
-        kwargs.setdefault("input_shape", list(splits.input_shape))
-        kwargs.setdefault("num_classes", splits.num_classes)
-        return models.create(spec["model"], seed=int(spec["seed"]), **kwargs)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(spec["seed"]))
-        return models.resolve(spec["model"], **kwargs)
+    return create_for(spec["model"], splits, spec["model_args"], seed=int(spec["seed"]))
 
 
 @contextlib.contextmanager
