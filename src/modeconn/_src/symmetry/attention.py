@@ -182,6 +182,7 @@ def _resolve(
             dims_q = {c[2] for c in p.lists if len(c) == 3}
             dims_kv = {c[1] for c in p.lists if len(c) == 2 and c[1] != p.r}
             bad: set[int] = set()
+            quiet: set[int] = set()  # pinned without a warning: not attention dims
             if p.r is not None and (p.r in pcs or p.r in in_sum or p.r in V.defn):
                 bad |= {p.r} | dims_q | dims_kv
             p.shared = set()
@@ -203,6 +204,8 @@ def _resolve(
                     continue
                 if d in pcs or d in in_sum:
                     bad.add(d)
+                    if d not in in_sum:  # a weight axis holds them alone (grouped-conv inputs)
+                        quiet.add(d)
                     continue
                 need = [g] + ([p.r] if d in dims_q - dims_kv and p.r is not None else [])
                 if any(
@@ -213,7 +216,8 @@ def _resolve(
             for d in bad:
                 if not V.pinned[V.find(d)]:
                     V.pin(d, "dims inside a head, shared with another structure")
-                    notes.append(_note(V, prods, d))
+                    if d not in quiet:
+                        notes.append(_note(V, prods, d))
                     changed = True
         if not changed:
             changed = _one_free_factor(V, pats)

@@ -24,6 +24,8 @@ def emit_spec(w: Walk) -> PermutationSpec:
     """Close the union-find, resolve attention heads, and write the spec."""
     param_classes = {v for d in w.param_vars.values() for v in d}
     layout = resolve_heads(w.V, param_classes, w.all_descs, full=True)
+    for what, why, place, touched in layout.notes:  # attention dims pinned by head resolution
+        w.pending.setdefault(what, []).append((why, place, touched))
     w.flush_warnings()
     return _Emitter(w, layout).spec()
 
