@@ -14,6 +14,7 @@ from torch import fx, nn
 
 from ..spec import PermutationSpec, Site, Slot
 from .attention import HeadLayout, resolve_heads
+from .rules_index import pin_dropped
 from .rules_shape import PERMUTE, SHAPE_ONLY
 from .walk import Walk, is_t
 
@@ -22,6 +23,7 @@ __all__ = ["emit_spec"]
 
 def emit_spec(w: Walk) -> PermutationSpec:
     """Close the union-find, resolve attention heads, and write the spec."""
+    pin_dropped(w)
     param_classes = {v for d in w.param_vars.values() for v in d}
     layout = resolve_heads(w.V, param_classes, w.all_descs, full=True)
     for what, why, place, touched in layout.notes:  # attention dims pinned by head resolution
