@@ -46,13 +46,6 @@ HEADS = "head resolution (symmetry-attention): "
 XFAIL: dict[tuple[str, str], str] = {
     ("bloom", "attention"): HEADS + "ALiBi pins the heads (Heads(fixed=True) not inferred: a "
     "pinned head axis may also be a moved one) and q/k/v are fused per head (strided slot)",
-    **{
-        (f, "attention"): TRACER + "q[..., :rotary_dim] pins the whole q/k head dim (the "
-        "unrotated half is free: a sum structure there would keep it)"
-        for f in ("phi", "gptj")
-    },
-    ("gpt_neox", "attention"): HEADS + "q/k/v fused per head, g x (q + k + v): needs a slot "
-    "with a stride between heads (Slot has none), so whole heads move as plain blocks",
     ("falcon", "attention"): TRACER + "qkv[:, :, :, [-2]] (list indexing) pins the fused axis; "
     "then q/k/v fused per key/value group need a slot with a stride (Slot has none)",
 }
@@ -114,21 +107,3 @@ def test_gqa_with_five_query_heads_per_group_uses_alternation_and_recovers() -> 
     assert {heads_signature(h) for h in spec.heads.values()} == {(10, 2, False, 5, 5)}
     assert symmetry_error(model, inputs, spec) <= 1e-5
     assert not planted_misses(spec, model.state_dict())
-
-
-def test_attention_whose_head_dims_are_pinned_warns_once_and_names_the_module() -> None:
-    """GPT-NeoX (q/k/v fused per head) moves whole heads only: one warning names the attention
-    projection; Llama (full structure found) and a grouped conv (RegNet-style) stay silent."""
-    import warnings
-
-    def infer_warnings(name: str) -> list[str]:
-        model, inputs = BY_NAME[name].build(hf)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            mc.infer_spec(randomize(model.eval()), inputs, verify=False)
-        return [str(w.message) for w in caught if "modeconn.infer_spec" in str(w.message)]
-
-    neox = infer_warnings("gpt_neox")
-    assert len(neox) == 1 and "attention.query_key_value" in neox[0], neox
-    assert "whole heads move" in neox[0]
-    assert infer_warnings("llama") == []
