@@ -45,16 +45,9 @@ TRACER = "tracer (symmetry-core): "
 HEADS = "head resolution (symmetry-attention): "
 XFAIL: dict[tuple[str, str], str] = {
     ("bloom", "attention"): HEADS + "ALiBi pins the heads (Heads(fixed=True) not inferred: a "
-    "pinned head axis may also be a moved one) and q/k/v are fused per head (strided slot)",
-    **{
-        (f, "attention"): TRACER + "q[..., :rotary_dim] pins the whole q/k head dim (the "
-        "unrotated half is free: a sum structure there would keep it)"
-        for f in ("phi", "gptj")
-    },
-    ("gpt_neox", "attention"): HEADS + "q/k/v fused per head, g x (q + k + v): needs a slot "
-    "with a stride between heads (Slot has none), so whole heads move as plain blocks",
-    ("falcon", "attention"): TRACER + "qkv[:, :, :, [-2]] (list indexing) pins the fused axis; "
-    "then q/k/v fused per key/value group need a slot with a stride (Slot has none)",
+    "pinned head axis may also be a moved one)",
+    ("falcon", "attention"): HEADS + "q/k/v fused per key/value group, g x (r x d + d + d): "
+    "the query heads' part r x d is a product inside the sum, which head_dims does not split",
 }
 
 

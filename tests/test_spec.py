@@ -79,6 +79,25 @@ def test_block_repeats_offset_slots_match_a_manual_flatten():
     assert out.tolist() == [[0, 5, 6, 1, 2, 3, 4, 11, 12, 7, 8, 9, 10]]
 
 
+def test_chunked_slot_places_runs_of_units_one_period_apart():
+    # q/k/v fused per head (GPT-NeoX): head h's 2 pass dims sit at 5h + 3 + i; one slot, 3 heads
+    slot = Slot("w", 0, offset=3, unit_start=1, length=6, chunk=2, period=5)
+    assert slot.positions(7).flatten().tolist() == [3, 4, 8, 9, 13, 14]
+    assert slot.extent(7) == 15
+    spec = PermutationSpec({"d": 7}, {"d": (slot,)})
+    w = torch.arange(15.0)
+    perm = torch.tensor([0, 4, 3, 6, 5, 2, 1])  # unit u moves to where perm says: index_select
+    out = mc.apply_permutation(spec, {"d": perm}, {"w": w})["w"]
+    expect = w.clone()
+    pos = slot.positions(7).flatten()
+    expect[pos] = w[pos[perm[1:] - 1]]  # units 1..6 are carried, in runs of 2
+    assert out.tolist() == expect.tolist()
+    back = PermutationSpec.from_dict(json.loads(json.dumps(spec.to_dict())))
+    assert back.slots == spec.slots
+    with pytest.raises(SpecError, match="chunk"):
+        PermutationSpec({"d": 7}, {"d": (Slot("w", 0, length=6, chunk=2, period=5, repeats=2),)})
+
+
 def test_json_roundtrip_keeps_everything():
     spec = PermutationSpec(
         groups={"h": 4, "att": 6},

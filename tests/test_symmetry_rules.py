@@ -512,3 +512,29 @@ def test_rule(target):
         assert "a.weight" in spec.pins and 0 in spec.pins["a.weight"]
     if spec.groups:
         assert_symmetry(model, x, spec, seeds=(0,))
+
+
+def test_slices_that_split_the_channel_axis_keep_both_parts_free():
+    """``u[..., :3]`` and ``u[..., 3:]`` (partial rotary's split of a head) make the axis a direct
+    sum: a's units stay permuted (within each part) and the outputs are kept."""
+    fn = lambda s, u, v, x: torch.cat([torch.tanh(u[..., :3]), 2 * u[..., 3:]], -1)  # noqa: E731
+    torch.manual_seed(0)
+    model = randomize(Probe(fn, "seq")).eval()
+    x = torch.randn(SHAPES["seq"])
+    spec = mc.infer_spec(model, x, verify=False, warn=False)
+    assert covered(spec, model.state_dict(), "a.weight", 0).all(), spec.pins
+    assert len({n for n, sl in spec.slots.items() for s in sl if s.param == "a.weight"}) == 2
+    assert_symmetry(model, x, spec, seeds=(0, 1))
+
+
+def test_positions_a_slice_drops_and_nothing_reads_stay_pinned():
+    """``w[:t]`` (a table sliced to the sequence length): the rows past ``t`` are never read, so
+    they are pinned (a longer input would read them), not left to a free group."""
+    fn = lambda s, u, v, x: u + s.w[: u.shape[1]]  # noqa: E731
+    torch.manual_seed(0)
+    model = randomize(Probe(fn, "seq")).eval()
+    x = torch.randn(SHAPES["seq"])
+    spec = mc.infer_spec(model, x, verify=False, warn=False)
+    assert not covered(spec, model.state_dict(), "w", 0).any()
+    assert covered(spec, model.state_dict(), "a.weight", 0).all()
+    assert_symmetry(model, x, spec, seeds=(0,))

@@ -408,3 +408,40 @@ def test_values_read_only_for_their_shape_relate_nothing_but_in_place_ops_do():
         spec = mc.infer_spec(model, x, verify=False)
         assert covered(spec, model.state_dict(), "a.weight", 0).all(), cls.__name__
         assert_symmetry(model, x, spec, seeds=(0,))
+
+
+def test_attention_notes_of_head_resolution_become_one_warning_per_op(monkeypatch):
+    """Head resolution's notes (attention blocks whose head dims it pinned) reach the walk's
+    warnings: one warning naming the block, however many blocks; none without notes."""
+    from modeconn._src.symmetry import emit
+
+    class Attn(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(8, 8)
+            self.mha = nn.MultiheadAttention(8, 2, batch_first=True)
+
+        def forward(self, x):
+            h = self.a(x)
+            return self.mha(h, h, h, need_weights=False)[0]
+
+    def infer_warnings() -> list[str]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            mc.infer_spec(Attn().eval(), torch.randn(2, 3, 8), verify=False)
+        return [str(w.message) for w in caught if "modeconn.infer_spec" in str(w.message)]
+
+    assert infer_warnings() == []
+    real = emit.resolve_heads
+
+    def noted(V, param_classes, descs, full=False):
+        layout = real(V, param_classes, descs, full)
+        hidden = sorted({V.find(v) for v in V.label})[:2]
+        layout.notes = [
+            ("attention", "whole heads move", repr(f"blk{i}"), [v]) for i, v in enumerate(hidden)
+        ]
+        return layout
+
+    monkeypatch.setattr(emit, "resolve_heads", noted)
+    got = infer_warnings()
+    assert len(got) == 1 and "attention 'blk0' and 1 more (whole heads move)" in got[0], got

@@ -35,7 +35,9 @@ class Slot:
 
     Unit ``u`` (``unit_start <= u < unit_start + length``) owns the positions
     ``offset + k * length * block + (u - unit_start) * block + r``
-    for ``k < repeats`` and ``r < block``.
+    for ``k < repeats`` and ``r < block``. With ``chunk``, the units come in runs of ``chunk``
+    spaced ``period`` positions apart (one part of each head of a fused per-head tensor):
+    ``i = u - unit_start`` owns ``offset + (i // chunk) * period + (i % chunk) * block + r``.
 
     Args:
         param: state-dict key (parameter or buffer).
@@ -45,6 +47,8 @@ class Slot:
         repeats: how many times the ``length*block`` pattern repeats (channel-last flatten).
         unit_start: first unit of the group carried here.
         length: number of units carried (``None``: the rest of the group).
+        chunk: units per run (``None``: one run); needs ``repeats == 1``.
+        period: positions from one run's start to the next's.
     """
 
     param: str
@@ -54,6 +58,8 @@ class Slot:
     repeats: int = 1
     unit_start: int = 0
     length: int | None = None
+    chunk: int | None = None
+    period: int = 0
 
     def n_units(self, group_size: int) -> int:
         return group_size - self.unit_start if self.length is None else self.length
@@ -61,14 +67,22 @@ class Slot:
     def positions(self, group_size: int) -> Tensor:
         """Axis positions owned by each carried unit, shape ``(n_units, repeats * block)``."""
         n = self.n_units(group_size)
-        u = torch.arange(n).view(n, 1, 1) * self.block
+        i = torch.arange(n)
+        if self.chunk:
+            i = (i // self.chunk) * self.period + (i % self.chunk) * self.block
+        else:
+            i = i * self.block
+        u = i.view(n, 1, 1)
         k = torch.arange(self.repeats).view(1, self.repeats, 1) * (n * self.block)
         r = torch.arange(self.block).view(1, 1, self.block)
         return (self.offset + u + k + r).reshape(n, self.repeats * self.block)
 
     def extent(self, group_size: int) -> int:
         """One past the last position this slot touches."""
-        return self.offset + self.n_units(group_size) * self.block * self.repeats
+        n = self.n_units(group_size)
+        if self.chunk and n:
+            return int(self.positions(group_size).max()) + 1
+        return self.offset + n * self.block * self.repeats
 
 
 @dataclass(frozen=True)
@@ -132,6 +146,8 @@ class PermutationSpec:
             for s in self.slots.get(g, ()):
                 if s.unit_start < 0 or s.unit_start + s.n_units(size) > size:
                     raise SpecError(f"slot {s} of group {g!r} carries units outside 0..{size - 1}")
+                if s.chunk is not None and (s.chunk < 1 or s.repeats != 1):
+                    raise SpecError(f"slot {s} of group {g!r}: chunk needs chunk >= 1, repeats=1")
         for g, h in self.heads.items():
             if h.extent() > self.groups[g]:
                 raise SpecError(f"heads of {g!r} cover {h.extent()} units; the group has fewer")
@@ -296,6 +312,7 @@ class PermutationSpec:
 
 def _compact(d: dict[str, Any]) -> dict[str, Any]:
     defaults = {"offset": 0, "block": 1, "repeats": 1, "unit_start": 0, "length": None}
+    defaults.update(chunk=None, period=0)
     return {k: v for k, v in d.items() if k not in defaults or defaults[k] != v}
 
 

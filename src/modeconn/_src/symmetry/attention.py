@@ -13,6 +13,15 @@ from dataclasses import dataclass, field
 from ..heads import Heads
 from . import rules_attention  # noqa: F401 (registers the MHA / SDPA rules)
 from .axes import AxisVars
+from .head_dims import (
+    _blockish,
+    _carries,
+    _core,
+    _flatten,
+    _parts,
+    head_local,
+    split_dims,
+)
 from .rules_attention import mha_rule, sdpa_rule
 
 __all__ = ["HeadLayout", "resolve_heads", "mha_rule", "sdpa_rule"]
@@ -39,29 +48,11 @@ class HeadLayout:
     heads: dict[int, Heads] = field(default_factory=dict)
     size: dict[int, int] = field(default_factory=dict)
     simple: set[int] = field(default_factory=set)  # groups the older view expresses
+    # split[c] = (head class, heads, [(first unit, units per head, block)] per part): a class
+    # ``[g, d]`` whose head dims are a direct sum (partial rotary: rotated ⊕ passed dims)
+    split: dict[int, tuple[int, int, list[tuple[int, int, int]]]] = field(default_factory=dict)
     # (what, why, place, vars) for each attention structure pinned here: the walk's warnings
     notes: list[tuple[str, str, str, list[int]]] = field(default_factory=list)
-
-
-def _flatten(V: AxisVars, v: int) -> list[int]:
-    """The factors of a class: a product's children, recursively (sums and atoms stay whole)."""
-    r = V.find(v)
-    d = V.defn.get(r)
-    if d is None or d[0] != "prod":
-        return [r]
-    return [x for c in d[1] for x in _flatten(V, c)]
-
-
-def _core(V: AxisVars, flat: list[int], lead: bool = False) -> tuple[list[int], int]:
-    """``flat`` without its trailing pinned factors, and their total size (the block); with
-    ``lead`` also without leading pinned factors (a batch axis merged with the heads, ``b*h``)."""
-    block = 1
-    core = list(flat)
-    while core and V.pinned[core[-1]]:
-        block *= V.size[core.pop()]
-    while lead and core and V.pinned[core[0]]:
-        core.pop(0)
-    return core, block
 
 
 class _Pattern:
@@ -102,16 +93,6 @@ def _patterns(V: AxisVars, prods: dict[int, list[int]], blocked: set[int]) -> di
             if tuple(core) not in p.lists:
                 p.lists.append(tuple(core))
     return pats
-
-
-def _carries(V: AxisVars, desc: tuple[int, ...], c: int, cache: dict[int, list[int]]) -> bool:
-    for v in desc:
-        r = V.find(v)
-        if r not in cache:
-            cache[r] = _flatten(V, r)
-        if c in cache[r]:
-            return True
-    return False
 
 
 def resolve_heads(
@@ -182,10 +163,18 @@ def _resolve(
             dims_q = {c[2] for c in p.lists if len(c) == 3}
             dims_kv = {c[1] for c in p.lists if len(c) == 2 and c[1] != p.r}
             bad: set[int] = set()
+            quiet: set[int] = set()  # pinned without a warning: not attention dims
             if p.r is not None and (p.r in pcs or p.r in in_sum or p.r in V.defn):
                 bad |= {p.r} | dims_q | dims_kv
             p.shared = set()
+            split, in_split = split_dims(
+                V, g, dims_kv if p.r is None else set(), pcs, prods, descs, cache, bad
+            )
             for d in dims_q | dims_kv:
+                if d in split:
+                    if d in pcs or d in in_sum or not head_local(V, g, d, prods, descs, cache):
+                        bad.add(d)
+                    continue
                 if d in V.defn or d in (g, p.r) or (d in in_sum and p.r is not None):
                     bad.add(d)
                     continue
@@ -201,8 +190,10 @@ def _resolve(
                 ):  # k/v dims without a head axis: multi-query, the dims shared by every head
                     p.shared.add(d)
                     continue
-                if d in pcs or d in in_sum:
+                if d in pcs or (d in in_sum and d not in in_split):
                     bad.add(d)
+                    if d not in in_sum:  # a weight axis holds them alone (grouped-conv inputs)
+                        quiet.add(d)
                     continue
                 need = [g] + ([p.r] if d in dims_q - dims_kv and p.r is not None else [])
                 if any(
@@ -213,7 +204,8 @@ def _resolve(
             for d in bad:
                 if not V.pinned[V.find(d)]:
                     V.pin(d, "dims inside a head, shared with another structure")
-                    notes.append(_note(V, prods, d))
+                    if d not in quiet:
+                        notes.append(_note(V, prods, d))
                     changed = True
         if not changed:
             changed = _one_free_factor(V, pats)
@@ -289,8 +281,29 @@ def _layout(V: AxisVars, pats: dict[int, _Pattern], param_classes: set[int]) -> 
         segs, kv_segs, links = [], [], []
         start = 0
         members: list[int] = []
+        seg_at: dict[int, int] = {}  # multi-head: a head-dim class's segment (a part's, too)
         for c in q:
+            parts = _parts(V, c[1]) if p.r is None and len(c) == 2 else None
+            if parts is not None:  # head dims that are a direct sum: a segment per part
+                placed = []
+                for part in parts:
+                    per, blk = (1, V.size[part]) if _blockish(V, part) else (V.size[part], 1)
+                    if part not in seg_at:
+                        seg_at[part] = start
+                        segs.append((start, per))
+                        start += G * per
+                    placed.append((seg_at[part], per, blk))
+                for r, block in by_core.get(c, []):
+                    layout.split[r] = (g, G, [(st, n, blk * block) for st, n, blk in placed])
+                members.append(_member(by_core.get(c, []), c))
+                continue
             d = V.size[c[-1]] if len(c) == 3 or (p.r is None and len(c) == 2) else 1
+            if p.r is None and len(c) == 2 and c[1] in seg_at:  # a part of a split dim
+                _place(layout, by_core.get(c, []), (g, seg_at[c[1]], G * d))
+                members.append(_member(by_core.get(c, []), c))
+                continue
+            if p.r is None and len(c) == 2:
+                seg_at[c[1]] = start
             segs.append((start, d))
             _place(layout, by_core.get(c, []), (g, start, G * R * d))
             members.append(_member(by_core.get(c, []), c))
@@ -322,7 +335,9 @@ def _layout(V: AxisVars, pats: dict[int, _Pattern], param_classes: set[int]) -> 
         layout.heads[g] = heads
         layout.size[g] = start
         simple = (
-            p.r is None and not kv and all(b == 1 for c in cores for _, b in by_core.get(c, []))
+            p.r is None
+            and not kv
+            and all(b == 1 and r not in layout.split for c in cores for r, b in by_core.get(c, []))
         )  # what the older view can express: multi-head, no blocks
         layout.segments[g] = (members, [*segs, *kv_segs])
         if simple:

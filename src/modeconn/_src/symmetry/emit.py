@@ -14,6 +14,7 @@ from torch import fx, nn
 
 from ..spec import PermutationSpec, Site, Slot
 from .attention import HeadLayout, resolve_heads
+from .rules_index import pin_dropped
 from .rules_shape import PERMUTE, SHAPE_ONLY
 from .walk import Walk, is_t
 
@@ -22,8 +23,11 @@ __all__ = ["emit_spec"]
 
 def emit_spec(w: Walk) -> PermutationSpec:
     """Close the union-find, resolve attention heads, and write the spec."""
+    pin_dropped(w)
     param_classes = {v for d in w.param_vars.values() for v in d}
     layout = resolve_heads(w.V, param_classes, w.all_descs, full=True)
+    for what, why, place, touched in layout.notes:  # attention dims pinned by head resolution
+        w.pending.setdefault(what, []).append((why, place, touched))
     w.flush_warnings()
     return _Emitter(w, layout).spec()
 
@@ -86,6 +90,17 @@ class _Emitter:
         n = V.size[r]
         if V.pinned[r] or n == 0:
             return
+        split = self.layout.split.get(r)
+        if split is not None:  # heads whose dims are a direct sum: each part's units, per head
+            a, heads, parts = split
+            per_head = sum(n * blk for _, n, blk in parts)
+            pos = 0
+            for st, n, blk in parts:  # one slot per part: runs of n units, one run per head
+                run = {"chunk": n, "period": per_head * block} if heads > 1 else {}
+                at = offset + pos * block
+                self._place(("heads", a), at, reps, stride, block * blk, st, heads * n, out, run)
+                pos += n * blk
+            return
         hit = self.layout.where.get(r)
         if hit is not None:
             a, start, units, blk = hit
@@ -119,10 +134,12 @@ class _Emitter:
         unit_start: int,
         length: int | None,
         out: list[Any],
+        run: dict[str, int] | None = None,
     ) -> None:
         n = length if length is not None else self.V.size[g[1]]
         kw = {"offset": offset, "block": block, "unit_start": unit_start, "length": length}
-        if reps == 1 or stride == n * block:
+        kw.update(run or {})
+        if reps == 1 or (stride == n * block and not run):
             out.append((g, _clean({**kw, "repeats": reps})))
         else:
             for k in range(reps):
@@ -172,7 +189,7 @@ class _Emitter:
     def site_parts(self, v: int, offset: int) -> list[tuple[Any, int, int, int | None]] | None:
         V = self.V
         r = V.find(v)
-        if V.pinned[r]:
+        if V.pinned[r] or r in self.layout.split:
             return []
         hit = self.layout.where.get(r)
         if hit is not None:

@@ -98,6 +98,8 @@ def getitem(w: Walk, call: Call) -> Desc:
             start, stop, step = i.indices(size)
             if start == 0 and stop == size and step == 1:
                 out.append(v)
+            elif step == 1 and stop > start:  # x[..., a:b]: the axis is pre ⊕ kept ⊕ post
+                out.append(_sliced(w, v, start, stop))
             else:
                 w.note(call, "keeps some positions", [v])
                 out.append(w.V.new(len(range(start, stop, step)), True, why="a slice"))
@@ -117,6 +119,29 @@ def getitem(w: Walk, call: Call) -> Desc:
     if chosen is not None:
         return select(w, tuple(out), *chosen)
     return tuple(out)
+
+
+def _sliced(w: Walk, v: int, start: int, stop: int) -> int:
+    """The kept part of ``v[start:stop]``, with ``v`` made a direct sum (as ``split`` does).
+
+    The dropped parts are recorded in ``w.dropped``: one that nothing else reads (a causal mask
+    buffer sliced to the sequence length) is pinned after the walk, see :func:`pin_dropped`.
+    """
+    V = w.V
+    pre, mid, post = V.new(start), V.new(stop - start), V.new(V.size[v] - stop)
+    w.dropped.extend([pre, post])
+    w.tie(v, V.structure("sum", [pre, mid, post]))
+    return mid
+
+
+def pin_dropped(w: Walk) -> None:
+    """Pin the parts of sliced axes that only slices dropped (positions the trace never read)."""
+    V = w.V
+    dropped = set(w.dropped)
+    read = {V.find(v) for v in range(len(V.parent)) if v not in dropped}
+    for v in w.dropped:
+        if V.size[v] > 0 and V.find(v) not in read:
+            V.pin(v, "positions a slice drops (never read)")
 
 
 @rule("gather", "take_along_dim")

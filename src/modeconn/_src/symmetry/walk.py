@@ -61,6 +61,7 @@ class Walk:
         self.pending: dict[str, list[Any]] = {}  # op -> [(why, place, touched vars)]
         self.residual: set[int] = set()
         self.selector: dict[int, tuple[list[int], list[list[int]]]] = {}
+        self.dropped: list[int] = []  # parts of sliced axes a slice left out
 
     # --- helpers for rules ----------------------------------------------------------------------
     def desc(self, a: Any) -> Desc:
