@@ -35,8 +35,6 @@ from ..spec import (
     Permutation,
     PermutationSpec,
     apply_permutation,
-    check_permutation,
-    identity_permutation,
     unit_classes,
 )
 from ..state import check_compatible, lerp
@@ -107,20 +105,12 @@ def annealing_matching(
         raise ConfigError(f"annealing needs 0 < t_end <= t0, got t0={t0}, t_end={t_end}")
     if data is None:
         raise ConfigError("annealing measures the barrier on data: pass data=(inputs, targets)")
-    from .api import align as align_models
-    from .api import resolve_spec
+    from .api import resolve_spec, start_permutation
 
     state_a, state_b = model_a.state_dict(), model_b.state_dict()
     check_compatible([state_a, state_b], ["model A", "model B"])
     spec = resolve_spec(model_a, spec, data=data)
-    if init is None:
-        start = identity_permutation(spec)
-    elif isinstance(init, str):
-        start = align_models(model_a, model_b, method=init, data=data, spec=spec,
-                             return_permutation=True)[1]
-    else:
-        start = Permutation({g: torch.as_tensor(p).long().cpu() for g, p in init.items()})
-    check_permutation(spec, start)
+    start = start_permutation(model_a, model_b, spec, init, data)
 
     dev = resolve_device(device) if device is not None else model_device(model_a)
     x, y = (t.to(dev) for t in _subset(data, eval_examples))

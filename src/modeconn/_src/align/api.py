@@ -10,7 +10,13 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError, SpecError
 from ..evaluation import DataLike, as_loader, model_device, with_state
-from ..spec import Permutation, PermutationSpec, apply_permutation, check_permutation
+from ..spec import (
+    Permutation,
+    PermutationSpec,
+    apply_permutation,
+    check_permutation,
+    identity_permutation,
+)
 from ..state import check_compatible
 from .base import ALIGNERS, Aligner, AlignInputs, FunctionAligner
 
@@ -276,3 +282,32 @@ def align_states(
     model_b = with_state(model, state_b) if model is not None else None
     perm = run_aligner(aligner, params, AlignInputs(spec, state_a, state_b, model_a, model_b, data))
     return apply_permutation(spec, perm, state_b), perm
+
+
+def start_permutation(
+    model_a: nn.Module,
+    model_b: nn.Module,
+    spec: PermutationSpec,
+    init: str | Mapping[str, Any] | None,
+    data: DataLike | None,
+) -> Permutation:
+    """Where a local-search aligner (PAM, annealing) starts: ``None`` the identity, a method name
+    that aligner's result (``mc.align(..., method=init)``), a mapping that permutation (checked).
+
+    Example:
+        >>> import modeconn as mc
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU(), torch.nn.Linear(3, 1))
+        >>> spec = mc.infer_spec(net, torch.randn(4, 2), warn=False)
+        >>> start_permutation(net, net, spec, None, None)["0"].tolist()
+        [0, 1, 2]
+    """
+    if init is None:
+        start = identity_permutation(spec)
+    elif isinstance(init, str):
+        _, start = align(
+            model_a, model_b, method=init, data=data, spec=spec, return_permutation=True
+        )
+    else:
+        start = Permutation({g: torch.as_tensor(p).long().cpu() for g, p in init.items()})
+    check_permutation(spec, start)
+    return start

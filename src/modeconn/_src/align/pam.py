@@ -50,7 +50,6 @@ from ..spec import (
     Permutation,
     PermutationSpec,
     apply_permutation,
-    check_permutation,
     identity_permutation,
 )
 from ..state import check_compatible, lerp
@@ -354,19 +353,11 @@ def pam_align(
         raise ConfigError(f"projection must be 'alternating' or 'sinkhorn', got {projection!r}")
     state_a, state_b = model_a.state_dict(), model_b.state_dict()
     check_compatible([state_a, state_b], ["model A", "model B"])
-    from .api import align as align_models
-    from .api import resolve_spec
+    from .api import resolve_spec, start_permutation
 
     spec = resolve_spec(model_a, spec, data=data)
     dev = resolve_device(device) if device is not None else model_device(model_a)
-    if init is None:
-        start = identity_permutation(spec)
-    elif isinstance(init, str):
-        start = align_models(model_a, model_b, method=init, data=data, spec=spec,
-                             return_permutation=True)[1]
-    else:
-        start = Permutation({g: torch.as_tensor(p).long().cpu() for g, p in init.items()})
-    check_permutation(spec, start)
+    start = start_permutation(model_a, model_b, spec, init, data)
     a = {k: v.detach().to(dev) for k, v in state_a.items()}
     b = {k: v.detach().to(dev) for k, v in state_b.items()}
     free = [g for g, n in spec.groups.items() if g not in spec.heads and n > 1]
