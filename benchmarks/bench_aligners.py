@@ -16,6 +16,8 @@ import torch
 
 import modeconn as mc
 
+from . import best_time
+
 OPTIONS: dict[str, dict[str, Any]] = {
     "ste": {"max_steps": 20}, "sinkhorn": {"steps": 100},
     "pam": {"epochs": 1, "samples": 4, "eval_examples": 512, "progress": False},
@@ -23,13 +25,9 @@ OPTIONS: dict[str, dict[str, Any]] = {
 }
 
 
-def _best(fn: Callable[[], object], repeat: int = 3) -> float:
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+
+def _best(fn: Callable[[], object], repeats: int = 3) -> float:
+    return best_time(fn, repeats, clock=time.perf_counter)  # wall-clock seconds, as a user waits
 
 
 def main() -> None:
@@ -45,12 +43,12 @@ def main() -> None:
     for name in mc.aligner_names():
         opts = OPTIONS.get(name, {})
         t = _best(lambda n=name, o=opts: mc.align(a, b, method=n, data=data, spec=spec, **o),
-                  repeat=1 if name in OPTIONS else 3)
+                  repeats=1 if name in OPTIONS else 3)
         extra = f" ({1e3 * t / opts['steps']:.2f} ms/move)" if name == "annealing" else ""
         print(f"  {name:<10} x{t / base:8.1f} weight matching{extra}")
     avg = _best(lambda: mc.merge([a, b]))
-    zip_t = _best(lambda: mc.merge([a, b], method="zipit", model=a, data=data), repeat=1)
-    bary = _best(lambda: mc.ot_barycenter(spec, [sa, sb]), repeat=1)
+    zip_t = _best(lambda: mc.merge([a, b], method="zipit", model=a, data=data), repeats=1)
+    bary = _best(lambda: mc.ot_barycenter(spec, [sa, sb]), repeats=1)
     print(f"zipit: x{zip_t / avg:.0f} plain averaging; ot_barycenter: x{bary / avg:.0f}")
 
 

@@ -16,21 +16,11 @@ Each figure is a whole call, fixed costs included (copies, the final train/test 
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
-
 import torch
 
 import modeconn as mc
 
-
-def _best(fn: Callable[[], object], repeats: int = 3) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.process_time()
-        fn()
-        times.append(time.process_time() - t0)
-    return min(times)
+from . import best_time as _best
 
 
 def main() -> None:

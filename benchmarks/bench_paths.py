@@ -29,14 +29,7 @@ from modeconn._src.evaluation import as_loader, with_state
 from modeconn._src.paths import initial_curve, train_curve
 from modeconn._src.state import lerp
 
-
-def _best(fn: Callable[[], object], repeats: int = 3) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.process_time()
-        fn()
-        times.append(time.process_time() - t0)
-    return min(times)
+from . import best_time as _best
 
 
 def _plain_epoch(model: torch.nn.Module, data: object, batch_size: int) -> None:
