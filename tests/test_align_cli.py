@@ -116,6 +116,7 @@ def test_align_with_a_spec_file(tmp_path, run_cli):
 
 @pytest.mark.slow
 def test_align_ot_through_the_registry(checkpoints, run_cli):
+    pytest.importorskip("ot")
     d, a, b, _ = checkpoints
     method = "ot"
     out, js = d / f"b_{method}.safetensors", d / f"{method}.json"
