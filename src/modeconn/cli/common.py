@@ -69,6 +69,9 @@ JsonOpt = Annotated[
 ]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed.")]
 ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")]
+ResumeOpt = Annotated[
+    bool, typer.Option("--resume/--no-resume", help="Continue an interrupted run in --out.")
+]
 MkdirOpt = Annotated[
     bool, typer.Option("--mkdir", help="Create missing output folders (else they are refused).")
 ]

@@ -15,6 +15,7 @@ from .common import (
     ModelArgsOpt,
     ModelOpt,
     ProgressOpt,
+    ResumeOpt,
     SeedOpt,
     build_model,
     check_outputs,
@@ -247,9 +248,7 @@ def simplex(
     ] = 1e-3,
     epochs: EpochsOpt = 20,
     lr: Annotated[float, typer.Option("--lr", help="Base learning rate.")] = 0.05,
-    resume: Annotated[
-        bool, typer.Option("--resume/--no-resume", help="Continue an interrupted run in --out.")
-    ] = False,
+    resume: ResumeOpt = False,
     samples: SamplesOpt = 10,
     points: Annotated[int, typer.Option("--points", help="Points on θ(t).")] = 25,
     model: ModelOpt = None,
@@ -298,9 +297,7 @@ def subspace(
     beta: Annotated[float, typer.Option("--beta", help="β of the cos² regulariser.")] = 1.0,
     epochs: EpochsOpt = 40,
     lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (cosine).")] = 0.1,
-    resume: Annotated[
-        bool, typer.Option("--resume/--no-resume", help="Continue an interrupted run in --out.")
-    ] = False,
+    resume: ResumeOpt = False,
     samples: SamplesOpt = 10,
     points: Annotated[int, typer.Option("--points", help="Points on θ(t).")] = 25,
     model_arg: ModelArgsOpt = None,

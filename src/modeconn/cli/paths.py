@@ -15,6 +15,7 @@ from .common import (
     ModelArgsOpt,
     ModelOpt,
     ProgressOpt,
+    ResumeOpt,
     SeedOpt,
     check_finite_losses,
     check_outputs,
@@ -216,9 +217,7 @@ def curve(
     ] = 0.05,
     wd: Annotated[float, typer.Option("--wd", help="L2 coefficient on θ(t).")] = 5e-4,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Minibatch size.")] = 128,
-    resume: Annotated[
-        bool, typer.Option("--resume/--no-resume", help="Continue an interrupted run in --out.")
-    ] = False,
+    resume: ResumeOpt = False,
     adversarial: Annotated[
         bool, typer.Option("--adversarial/--no-adversarial", help="Train on PGD inputs (--eps).")
     ] = False,
